@@ -1,0 +1,33 @@
+"""slimtune: parameter-efficient fine-tuning of large pretrained models."""
+
+__version__ = "0.1.0"
+
+from slimtune.config import MethodConfig, config_from_dict, load_config  # noqa: E402
+from slimtune.errors import (  # noqa: E402
+    AdapterLoadError,
+    AdapterNameError,
+    ConfigError,
+    SlimtuneError,
+    TargetNotFoundError,
+)
+from slimtune.io import load  # noqa: E402
+from slimtune.methods import METHODS  # noqa: E402
+from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
+from slimtune.tuned import TunedModel, attach  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "AdapterLoadError",
+    "AdapterNameError",
+    "ConfigError",
+    "DoraConfig",
+    "LoraConfig",
+    "MethodConfig",
+    "SlimtuneError",
+    "TargetNotFoundError",
+    "TunedModel",
+    "attach",
+    "config_from_dict",
+    "load",
+    "load_config",
+]
