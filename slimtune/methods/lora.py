@@ -173,7 +173,7 @@ class Lora(nn.Module):
     def export_tensors(self) -> dict[str, Tensor]:
         """Tensors of an equivalent LoRA against the untouched base (rank 2r for PiSSA/OLoRA)."""
         if not hasattr(self, "A0"):
-            return {"A": self.A, "B": self.B}
+            return dict(self.named_parameters())
         # delta = s(B A - B0 A0) = s [B | -B0] [A; A0]
         return {"A": torch.cat([self.A, self.A0]), "B": torch.cat([self.B, -self.B0], dim=1)}
 

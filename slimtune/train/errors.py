@@ -1,24 +1,20 @@
-"""Errors raised by the training pipeline (all ``ValueError`` subclasses, so callers can catch them)."""
+"""Errors raised by the training pipeline. They subclass slimtune's own types (and so ``ValueError``)."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from slimtune.errors import ConfigError, SlimtuneError, did_you_mean
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A training config (YAML, ``--set`` override or Python dict) is invalid."""
 
 
-class DataError(ValueError):
+class DataError(SlimtuneError, ValueError):
     """Training or evaluation data cannot be read or does not have the expected layout."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SlimtuneError, ValueError):
     """A checkpoint directory is missing, incomplete, or does not match the run."""
 
 
-def closest(name: str, valid: Iterable[str]) -> str:
-    """Return " Did you mean 'x'?" for the nearest valid name, or "" when none is close."""
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else ""
+__all__ = ["CheckpointError", "DataError", "TrainConfigError", "did_you_mean"]
