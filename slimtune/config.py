@@ -34,6 +34,8 @@ class MethodConfig:
     """
 
     method: ClassVar[str] = ""
+    aliases: ClassVar[dict[str, str]] = {"target_modules": "targets", "exclude_modules": "exclude",
+                                         "layers_to_transform": "layers"}  # other libraries' names
     targets: str | list[str] | None = None
     exclude: str | list[str] | None = None
     layers: int | list[int] | str | None = None
@@ -98,9 +100,9 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(
-                f"{cls.__name__} has no field {key!r}; valid fields: {', '.join(names)}." + did_you_mean(key, names)
-            )
+            alias = cls.aliases.get(key)
+            hint = f" Did you mean {alias!r}?" if alias else did_you_mean(key, names)
+            raise ConfigError(f"{cls.__name__} has no field {key!r}; valid fields: {', '.join(names)}." + hint)
     try:
         return cls(**data)
     except TypeError as e:

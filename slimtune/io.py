@@ -304,6 +304,10 @@ def load(model: nn.Module, path: str | Path, name: str = "default"):
     for adapter_name, folder in entries:
         cfg, raw, tensors = read_adapter_dir(folder)
         theirs = raw.get("base_fingerprint")
+        if "peft_type" in raw and cfg.modules_to_save:  # PEFT lists heads of every task type; keep ours
+            names = [n for n, _ in tuned.model.named_modules()]
+            kept = [e for e in cfg.modules_to_save if any(n == e or n.endswith("." + e) for n in names)]
+            cfg = cfg.replace(modules_to_save=list(dict.fromkeys(kept)) or None)
         tuned.add(cfg, adapter_name, init=False)
         try:
             load_tensors_into(tuned, adapter_name, tensors, source=str(folder))

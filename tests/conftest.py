@@ -17,8 +17,9 @@ VOCAB = 1000
 
 def tiny_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=128, vocab_size=VOCAB, **overrides)
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=VOCAB)
+    cfg = transformers.LlamaConfig(**{**shape, **overrides})
     return transformers.LlamaForCausalLM(cfg).eval()
 
 

@@ -47,6 +47,9 @@ class LoraConfig(MethodConfig):
         rank_pattern / alpha_pattern: {regex suffix of a module name: r or alpha} overrides.
     """
 
+    aliases = {**MethodConfig.aliases, "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+               "use_rslora": "rslora", "init_lora_weights": "init"}
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
