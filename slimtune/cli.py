@@ -1,0 +1,166 @@
+"""The `slimtune` command line. Training verbs live in slimtune/train/cli.py; this file holds the
+adapter-file verbs (methods, inspect, merge, export) and bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from slimtune.errors import SlimtuneError
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from slimtune.methods import METHODS
+
+    rows = [(m.name, m.category, "yes" if m.mergeable else "no", m.params, m.peft_type or "-", m.paper)
+            for m in sorted(METHODS.values(), key=lambda m: (m.category, m.name))]
+    _table(["method", "category", "mergeable", "params per module", "PEFT type", "paper"], rows)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from slimtune.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
+
+    cfg, raw, tensors = read_adapter_dir(args.path)
+    path = Path(args.path)
+    size = sum(p.stat().st_size for p in (path / WEIGHTS_NAME, path / CONFIG_NAME))
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    modules = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors})
+    info = {
+        "format": "peft" if "peft_type" in raw else "slimtune",
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "base_model": raw.get("base_model_name_or_path"),
+        "base_model_class": raw.get("base_model_class"),
+        "base_fingerprint": raw.get("base_fingerprint"),
+        "modules": len(modules),
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "dtypes": sorted(dtypes),
+        "size_on_disk_bytes": size,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key != "config":
+            print(f"{key:>18}: {value}")
+    print(f"{'config':>18}: {json.dumps(info['config'])}")
+    shapes: dict[str, set] = {}
+    for k, t in tensors.items():
+        shapes.setdefault(k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1], set()).add(
+            tuple(t.shape))
+    for kind, s in sorted(shapes.items()):
+        print(f"{kind:>18}: shapes {sorted(s)}")
+    return 0
+
+
+def _load_base_for(adapter: str, base: str | None):
+    """The base model an adapter names (or `base`), loaded from local files only."""
+    import transformers
+
+    from slimtune.io import read_adapter_dir
+
+    _, raw, _ = read_adapter_dir(adapter)
+    path = base or raw.get("base_model_name_or_path")
+    if not path:
+        raise SlimtuneError(f"{adapter}: the adapter does not record its base model; pass --base PATH")
+    cls_name = raw.get("base_model_class")
+    cls = getattr(transformers, cls_name, None) if cls_name else None
+    if cls is None:
+        task = raw.get("task_type")
+        cls = transformers.AutoModelForSequenceClassification if task == "SEQ_CLS" else transformers.AutoModelForCausalLM
+    return cls.from_pretrained(path)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import slimtune as st
+
+    model = st.load(_load_base_for(args.adapter, args.base), args.adapter)
+    plain = model.detach(merge=True)
+    plain.save_pretrained(args.out, safe_serialization=True)
+    print(f"merged model written to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import slimtune as st
+
+    model = st.load(_load_base_for(args.adapter, args.base), args.adapter)
+    model.save(args.out, format=args.format)
+    print(f"{args.format} adapter written to {args.out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from slimtune.bench import lora as bench_lora
+
+    if args.suite != "lora":
+        raise SlimtuneError(f"bench suite {args.suite!r}: expected 'lora'")
+    bench_lora.main(quick=args.quick, out=args.out, repeats=args.repeats)
+    return 0
+
+
+def _table(header: list[str], rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtune", description="Parameter-efficient fine-tuning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="table of every registered method")
+    p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser("inspect", help="method, targets, shapes, parameter count, size of an adapter")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_inspect)
+
+    for verb, func, text in (("merge", _cmd_merge, "write the merged full model (safetensors, HF layout)"),
+                             ("export", _cmd_export, "re-save an adapter, e.g. in HF PEFT format")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("adapter")
+        p.add_argument("--out", required=True)
+        p.add_argument("--base", help="base model folder (default: the one the adapter records)")
+        if verb == "export":
+            p.add_argument("--format", default="peft", choices=["peft", "slimtune"])
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("bench", help="speed and memory ratios vs the frozen base and HF PEFT")
+    p.add_argument("suite", choices=["lora"])
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default="bench/results/lora.json")
+    p.set_defaults(func=_cmd_bench)
+
+    try:
+        from slimtune.train.cli import add_commands
+    except ImportError:
+        add_commands = None
+    if add_commands is not None:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (SlimtuneError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
