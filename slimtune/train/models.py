@@ -114,6 +114,6 @@ def load_base_model(name: str, kind: str, num_labels: int | None = None, dtype: 
     torch_dtype = getattr(torch, dtype)
     if kind == "sequence_classification":
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=torch_dtype
-        )
+            path, num_labels=num_labels, dtype=torch_dtype, ignore_mismatched_sizes=True
+        )  # a head for a different label count is replaced by a fresh one
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
