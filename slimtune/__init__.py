@@ -11,6 +11,7 @@ from slimtune.errors import (  # noqa: E402
     TargetNotFoundError,
 )
 from slimtune.io import load  # noqa: E402
+from slimtune import optim  # noqa: E402
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach  # noqa: E402
@@ -30,4 +31,5 @@ __all__ = [
     "config_from_dict",
     "load",
     "load_config",
+    "optim",
 ]

@@ -36,15 +36,20 @@ class AdapterLayer(nn.Module):
         self._stack_cache: dict[tuple, tuple] = {}
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         state = self._state
         if state.disabled or not self.adapters:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         if state.routing is not None:
-            return self._routed(x, out, state.routing)
-        for name in state.active:
-            if name in self.adapters and name not in self.merged:
-                out = self.adapters[name](x, out, self.base_layer)
+            return self._routed(x, self.base_layer(x, *args, **kwargs), state.routing)
+        live = [n for n in state.active if n in self.adapters and n not in self.merged]
+        fused = getattr(self.adapters[live[0]], "fused_forward", None) if len(live) == 1 else None
+        if fused is not None and not args and not kwargs:
+            out = fused(x, self.base_layer)  # base and adapter in one node, when the method offers it
+            if out is not None:
+                return out
+        out = self.base_layer(x, *args, **kwargs)
+        for name in live:
+            out = self.adapters[name](x, out, self.base_layer)
         return out
 
     # -- merge ---------------------------------------------------------------------------

@@ -236,3 +236,19 @@ def test_bias_lora_only_trains_wrapped_biases():
     names = [n for n, _ in model.trainable_parameters()]
     assert any(n.endswith("c_attn.base_layer.bias") for n in names)
     assert not any("c_fc" in n for n in names)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_lora_linear_gradients_match_autograd(bias):
+    from slimtune.methods.lora import _LoraLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.double, requires_grad=True)
+    W = torch.randn(4, 5, dtype=torch.double, requires_grad=True)
+    b = torch.randn(4, dtype=torch.double, requires_grad=True) if bias else None
+    A = torch.randn(2, 5, dtype=torch.double, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.double, requires_grad=True)
+    inputs = (x, W, b, A, B, 0.7)
+    assert torch.autograd.gradcheck(_LoraLinear.apply, inputs)
+    reference = torch.nn.functional.linear(x, W, b) + 0.7 * (x @ A.T) @ B.T
+    torch.testing.assert_close(_LoraLinear.apply(*inputs), reference)

@@ -166,6 +166,15 @@ class Lora(nn.Module):
     def delta_weight(self, base: nn.Module) -> Tensor:
         return _in_base_layout(base, self.scale * (self.B @ self.A))
 
+    def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor | None:
+        """Base and adapter in one autograd node (see _LoraLinear); None where it does not apply."""
+        if type(base) is not nn.Linear and not is_conv1d_gpt2(base):
+            return None
+        if (self.drop is not None and self.training) or x.dtype != self.A.dtype or base.weight.dtype != x.dtype:
+            return None
+        W = base.weight if type(base) is nn.Linear else base.weight.T  # (d_out, d_in) view
+        return _LoraLinear.apply(x, W, base.bias, self.A, self.B, self.scale)
+
     def release(self, base: nn.Module) -> None:
         """Give the base back what a PiSSA/OLoRA init took from it (detach without merge)."""
         if hasattr(self, "A0"):
@@ -202,6 +211,46 @@ class Lora(nn.Module):
         h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(A.dtype), A)  # (rows, tokens, r)
         delta = torch.bmm(h, B)  # (rows, tokens, d_out)
         return base_out + delta.view(base_out.shape).to(base_out.dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W.T + b + s (x A.T) B.T with a hand-written backward.
+
+    Same math as autograd over the unfused ops, minus two full-size passes per layer: the low-rank
+    term is accumulated into the big GEMM's output (beta=1) in forward, and the two input-gradient
+    terms are accumulated the same way in backward. B @ A is never formed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        h = x2 @ A.T  # (N, r)
+        y = torch.mm(h, B.T) if bias is None else torch.addmm(bias, h, B.T, alpha=scale)
+        if bias is None:
+            y.mul_(scale)
+        y.addmm_(x2, W.T)  # (N, d_out) += x W.T, accumulated inside the GEMM
+        ctx.save_for_backward(x2, W, A, B, h)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, W, A, B, h = ctx.saved_tensors
+        s = ctx.scale
+        g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
+        gB = g @ B  # (N, r)
+        grad_x = grad_W = grad_b = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(gB, A).mul_(s).addmm_(g, W).view(*grad.shape[:-1], W.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_W = g.T @ x2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_A = (gB.T @ x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_B = (g.T @ h).mul_(s)
+        return grad_x, grad_W, grad_b, grad_A, grad_B, None
 
 
 def _add_low_rank(base_out: Tensor, h: Tensor, B: Tensor, scale: float) -> Tensor:
@@ -313,6 +362,7 @@ class Dora(Lora):
         return torch.addcmul((1 - g) * base.bias, g, y).to(y.dtype)  # g*(y - b) + b
 
     route_key = None  # mixed batches go row group by row group
+    fused_forward = None  # DoRA's gain needs the base output on its own
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
