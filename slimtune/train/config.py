@@ -27,6 +27,7 @@ from slimtune.train.errors import TrainConfigError, did_you_mean
 TASKS = ("causal_lm", "instruction", "classification", "generative_classification")
 SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
+_DEFAULT_METHOD = {"method": "lora", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
 
 
 @dataclass
@@ -111,8 +112,7 @@ class TrainSection:
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    method: dict[str, Any] = field(default_factory=lambda: {"method": "lora", "r": 8, "alpha": 16,
-                                                            "targets": ["q_proj", "v_proj"]})
+    method: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_METHOD))
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str = "runs/run"
@@ -140,7 +140,10 @@ class TrainConfig:
             if name in data:
                 kwargs[name] = _section(section, data[name] or {}, name)
         if "method" in data:
-            kwargs["method"] = dict(data["method"] or {})
+            method = dict(data["method"] or {}) if isinstance(data["method"], dict) else data["method"]
+            if isinstance(method, dict) and "method" not in method:  # e.g. only --set method.r=4
+                method = {**_DEFAULT_METHOD, **method}
+            kwargs["method"] = method
         if "output_dir" in data:
             kwargs["output_dir"] = _coerce(data["output_dir"], str, "output_dir")
         return cls(**kwargs)

@@ -245,7 +245,7 @@ def render(tokenizer, messages: list[dict], cfg: DataSection, add_generation_pro
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_example(tokenizer, messages: list[dict], cfg: DataSection) -> dict[str, list[int]]:
+def chat_example(tokenizer, messages: list[dict], cfg: DataSection, truncate: bool = True) -> dict[str, list[int]]:
     """input_ids and labels with loss only on assistant turns (their content and end-of-turn token).
 
     Each assistant turn's span is found by rendering the conversation up to it with and without
@@ -262,6 +262,8 @@ def chat_example(tokenizer, messages: list[dict], cfg: DataSection) -> dict[str,
             raise DataError("the chat template does not render conversations prefix-consistently; "
                             "set data.chat_template: false")
         labels[start : len(upto)] = ids[start : len(upto)]
+    if not truncate:
+        return {"input_ids": ids, "labels": labels}
     return {"input_ids": ids[: cfg.max_length], "labels": labels[: cfg.max_length]}
 
 
@@ -270,13 +272,6 @@ def prompt_messages(text: str, cfg: DataSection) -> list[dict[str, str]]:
     if cfg.system is not None:
         msgs.insert(0, {"role": "system", "content": cfg.system})
     return msgs
-
-
-def truncate_text(tokenizer, text: str, max_tokens: int | None) -> str:
-    if max_tokens is None:
-        return text
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
 # -- examples per task ------------------------------------------------------------------------------------------
@@ -297,14 +292,26 @@ def build_examples(records: list[dict], tokenizer, cfg: DataSection, names: list
 
 
 def generative_example(tokenizer, record: dict, names: list[str], cfg: DataSection) -> dict:
-    """Prompt (the templated, truncated text) + the label word as the assistant answer; loss on the answer."""
-    text = truncate_text(tokenizer, _text(record, cfg), cfg.max_text_tokens)
+    """Prompt (the templated, truncated text) + the label word as the assistant answer; loss on the answer.
+
+    When the whole example exceeds ``max_length``, the input text is shortened (never the answer).
+    """
+    text_ids = tokenizer.encode(_text(record, cfg), add_special_tokens=False)
+    keep = len(text_ids) if cfg.max_text_tokens is None else min(len(text_ids), cfg.max_text_tokens)
     label = label_index(record, names, cfg)
-    msgs = prompt_messages(text, cfg)
-    ex = chat_example(tokenizer, [*msgs, {"role": "assistant", "content": names[label]}], cfg)
-    ex["prompt_ids"] = render(tokenizer, msgs, cfg, add_generation_prompt=True)[: cfg.max_length]
-    ex["label"] = label
-    return ex
+    answer = {"role": "assistant", "content": names[label]}
+    for _ in range(4):
+        text = tokenizer.decode(text_ids[:keep]) if keep < len(text_ids) else _text(record, cfg)
+        msgs = prompt_messages(text, cfg)
+        ex = chat_example(tokenizer, [*msgs, answer], cfg, truncate=False)
+        excess = len(ex["input_ids"]) - cfg.max_length
+        if excess <= 0:
+            ex["prompt_ids"] = render(tokenizer, msgs, cfg, add_generation_prompt=True)
+            ex["label"] = label
+            return ex
+        keep = max(0, keep - excess - 2)  # decode/encode round trips can shift a token or two
+    raise DataError(f"data.max_length={cfg.max_length} is too short for the prompt template and answer alone; "
+                    "raise it or shorten data.prompt")
 
 
 def pack_texts(texts: list[str], tokenizer, block: int) -> list[dict[str, list[int]]]:
