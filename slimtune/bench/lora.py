@@ -177,19 +177,35 @@ def _randomized(model):
 
 # -- peak memory, one fresh process per case -------------------------------------------------------
 def peak_rss_mb(case: str, quick: bool) -> dict[str, float]:
+    # VmHWM (per address space) rather than ru_maxrss, which survives exec and so would report the
+    # parent's peak in the child.
     code = (
-        "import resource, torch; torch.set_num_threads(2)\n"
+        "import torch; torch.set_num_threads(2)\n"
         "from slimtune.bench import lora as b\n"
         f"shape = b.QUICK_SHAPE if {quick} else b.SHAPE\n"
         f"ids = torch.randint(0, shape['vocab_size'], {(2, 32) if quick else (4, 256)})\n"
         f"step = b.memory_case({case!r}, shape, ids)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "before = b.vm_hwm_mb()\n"
         "for _ in range(3): step()\n"
-        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(before, b.vm_hwm_mb())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, peak = map(float, out.stdout.strip().splitlines()[-1].split())
     return {"peak": peak, "training_delta": peak - before}
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident memory in MB (Linux /proc; psutil's peak elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2**20
 
 
 def memory_case(case: str, shape: dict, ids: torch.Tensor) -> Callable[[], None]:
