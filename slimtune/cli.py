@@ -75,7 +75,8 @@ def _load_base_for(adapter: str, base: str | None):
     cls = getattr(transformers, cls_name, None) if cls_name else None
     if cls is None:
         task = raw.get("task_type")
-        cls = transformers.AutoModelForSequenceClassification if task == "SEQ_CLS" else transformers.AutoModelForCausalLM
+        auto = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
+        cls = getattr(transformers, auto)
     return cls.from_pretrained(path)
 
 
@@ -108,9 +109,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _table(header: list[str], rows: list[tuple]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:

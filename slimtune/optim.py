@@ -12,7 +12,9 @@ from torch import nn
 from slimtune.errors import ConfigError
 
 
-def loraplus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def loraplus_groups(
+    model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
     """Param groups for any torch optimizer: lr for A (and every other trainable tensor), lr*ratio for B.
 
     LoRA's B tensors are the trainable parameters whose name ends in '.B'; embedding LoRA's B too.

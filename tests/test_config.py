@@ -58,8 +58,9 @@ def test_targets_regex_layers_and_exclude():
 
 
 def test_rank_and_alpha_patterns_apply_per_module():
-    model = st.attach(tiny_llama(), st.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"],
-                                                   rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\..*q_proj": 4}))
+    cfg = st.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                        alpha_pattern={r"layers\.1\..*q_proj": 4})
+    model = st.attach(tiny_llama(), cfg)
     attn0, attn1 = (model.model.model.layers[i].self_attn for i in (0, 1))
     assert attn0.v_proj.adapters["default"].r == 2 and attn0.q_proj.adapters["default"].r == 8
     assert attn0.q_proj.adapters["default"].scale == 2.0 and attn1.q_proj.adapters["default"].scale == 0.5
