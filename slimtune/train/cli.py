@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"error: training aborted: {e}", file=sys.stderr)
         return 3
     ev = summary["eval"]
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the whole group
     if summary["status"] == "interrupted":
         print(f"interrupted at step {summary['steps']}; checkpoint saved in {cfg.output_dir}/checkpoints "
               f"(continue with --resume)")
