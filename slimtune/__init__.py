@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from slimtune import optim  # noqa: E402
 from slimtune.config import MethodConfig, config_from_dict, load_config  # noqa: E402
 from slimtune.errors import (  # noqa: E402
     AdapterLoadError,
@@ -11,7 +12,6 @@ from slimtune.errors import (  # noqa: E402
     TargetNotFoundError,
 )
 from slimtune.io import load  # noqa: E402
-from slimtune import optim  # noqa: E402
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach  # noqa: E402
@@ -33,3 +33,12 @@ __all__ = [
     "load_config",
     "optim",
 ]
+
+
+def __getattr__(name: str):
+    """`st.Trainer` / `st.TrainConfig` without importing the training stack at `import slimtune`."""
+    if name in ("Trainer", "TrainConfig"):
+        import slimtune.train as _train
+
+        return getattr(_train, name)
+    raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
