@@ -30,7 +30,7 @@ TOPIC_PROMPT = ("{text}\n\nWhich topic is this news article about? "
                 "Answer with one word: business, entertainment, politics, sports or tech.")
 
 
-def topic_config(output_dir: str, steps: int = 30, eval_per_label: int = 30) -> TrainConfig:
+def topic_config(output_dir: str, steps: int = 36, eval_per_label: int = 40) -> TrainConfig:
     """BBC News topic classification as generation, on SmolLM2-135M-Instruct."""
     return TrainConfig.from_dict({
         "model": {"name": "smollm2"},
@@ -148,7 +148,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"- trainable parameters: {report['trainable_params']:,}",
         f"- training: {report['steps']} steps x batch {report['batch_size']}, {report['train_seconds']:.0f} s "
         f"on {report['torch_threads']} CPU threads",
-        f"- wall time: {report['wall_seconds']:.0f} s (model conversion {report['convert_seconds']:.0f} s)",
+        f"- wall time: {report['wall_seconds']:.0f} s"
+        + (f" (first-use model conversion {report['convert_seconds']:.0f} s)" if report["convert_seconds"] > 1 else ""),
         f"- adapter: `{report['adapter']}`; plots: `plots/loss.png`, `plots/lr.png`, `plots/eval.png`",
     ]
     if report["samples"]:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -68,6 +69,17 @@ def _device(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _clear_previous_run(run_dir: Path) -> None:
+    """A fresh (not resumed) run replaces the records and checkpoints of an earlier run in the same folder."""
+    old = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "summary.json",
+                       run_dir / "plots") if p.exists()]
+    if old:
+        log.warning("%s holds an earlier run; replacing its %s (use --resume to continue it instead)",
+                    run_dir, ", ".join(p.name for p in old))
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 class Trainer:
     """Fine-tune an adapter as described by a :class:`TrainConfig`.
 
@@ -111,6 +123,8 @@ class Trainer:
         main = self.rank == 0
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                _clear_previous_run(self.run_dir)
             cfg.save(self.run_dir / "config.yaml")
         metrics = MetricsLog(self.run_dir) if main else None
         params = [p for _, p in self.model.trainable_parameters()]
