@@ -181,3 +181,19 @@ def test_cli_train_eval_plot_generate(files, tmp_path, capsys):
     assert "[default] hello" in out and "[base] hello" in out
     assert main(["train", str(cfg_path), "--set", "train.lrr=1"]) == 2
     assert "Did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_training(files, tmp_path):
+    plain = Trainer(config(files, tmp_path / "plain", max_steps=2, eval_before=False, **{"lr": 1e-3}))
+    plain.train()
+    ckpt = Trainer(config(files, tmp_path / "gc", max_steps=2, eval_before=False, gradient_checkpointing=True,
+                          **{"lr": 1e-3}))
+    ckpt.train()
+    a, b = dict(plain.model.trainable_parameters()), dict(ckpt.model.trainable_parameters())
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_bf16_autocast_trains(files, tmp_path):
+    summary = train(config(files, tmp_path / "bf16", max_steps=2, eval_before=False, precision="bf16"))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "bf16") if r.get("split", "train") == "train"]
+    assert summary["status"] == "completed" and all(torch.isfinite(torch.tensor(losses)))

@@ -75,6 +75,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.path)
     cfg = load_train_config(args.config, args.set) if args.config else _run_config(path, args.set)
     _quiet_transformers()
+    import torch
+
+    torch.manual_seed(cfg.train.seed)  # as in training: a fresh classification head starts identical
     tok = load_tokenizer(cfg.model.name)
     data = load_data(cfg, tok)
     from slimtune.train.models import load_base_model

@@ -58,8 +58,12 @@ def build_model(cfg: TrainConfig, data: TaskData, base: nn.Module | None = None)
         base = load_base_model(cfg.model.name, model_kind(cfg), num_labels=n_labels, dtype=cfg.model.dtype)
     if isinstance(base, st.TunedModel):
         return base
-    if cfg.train.gradient_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.gradient_checkpointing:
+        # transformers >= 5.x renamed it; 4.57 only has the old name. Non-reentrant: works with frozen inputs.
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = dict(cfg.method)
     if cfg.data.task == "classification" and not method.get("modules_to_save"):
         heads = [n for n in CLASSIFIER_HEADS if isinstance(getattr(base, n, None), nn.Module)]
