@@ -219,6 +219,31 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(self.run_dir, step, self.model, opt, state, self.config.train.keep_last)
 
+    def _accumulate(self, model: nn.Module, state: dict, per_epoch: int, perms: dict) -> tuple[float, int]:
+        """Forward/backward ``grad_accum`` micro-batches; returns (mean loss over ranks, tokens seen)."""
+        tc = self.config.train
+        losses, tokens = [], 0
+        for micro in range(tc.grad_accum):
+            batch = self._micro_batch(state["consumed"], per_epoch, perms)
+            state["consumed"] += 1
+            tokens += int(batch["attention_mask"].sum()) * self.world
+            sync = micro == tc.grad_accum - 1 or self.world == 1  # DDP all-reduces on the last one only
+            with contextlib.nullcontext() if sync else model.no_sync():
+                loss = self._forward(model, batch)
+                (loss / tc.grad_accum).backward()
+            losses.append(loss.detach().float().item())
+        return self._mean_over_ranks(sum(losses) / len(losses)), tokens
+
+    def _optimizer_step(self, opt: torch.optim.Optimizer, lr: float) -> float | None:
+        tc = self.config.train
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item() if tc.grad_clip > 0 else None
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return grad_norm
+
     def _loop(self, model, opt, metrics, state, step, total, per_epoch) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -233,48 +258,30 @@ class Trainer:
         try:
             while step < total:
                 t0 = time.perf_counter()
-                losses, tokens = [], 0
-                for micro in range(tc.grad_accum):
-                    batch = self._micro_batch(state["consumed"], per_epoch, perms)
-                    state["consumed"] += 1
-                    tokens += int(batch["attention_mask"].sum()) * self.world
-                    sync = micro == tc.grad_accum - 1 or self.world == 1
-                    with contextlib.nullcontext() if sync else model.no_sync():
-                        loss = self._forward(model, batch)
-                        (loss / tc.grad_accum).backward()
-                    losses.append(loss.detach().float().item())
-                loss_value = self._mean_over_ranks(sum(losses) / len(losses))
+                loss, tokens = self._accumulate(model, state, per_epoch, perms)
                 lr = lr_at(step, total, tc)
-                if not math.isfinite(loss_value):
+                step += 1
+                bar.update(1)
+                if not math.isfinite(loss):
                     opt.zero_grad(set_to_none=True)
                     bad += 1
-                    log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", step + 1, loss_value, bad)
+                    log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", step, loss, bad)
                     if main:
-                        metrics.write({"step": step + 1, "loss": None, "skipped": True, "lr": lr})
+                        metrics.write({"step": step, "loss": None, "skipped": True, "lr": lr})
                     if bad >= tc.max_bad_steps:
-                        status = "aborted"
-                        raise TrainingAborted(f"{bad} non-finite losses in a row at step {step + 1}; last good "
+                        raise TrainingAborted(f"{bad} non-finite losses in a row at step {step}; last good "
                                               f"checkpoint kept in {self.run_dir / 'checkpoints'}")
-                    step += 1
                     continue
                 bad = 0
-                grad_norm = (torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], tc.grad_clip).item()
-                             if tc.grad_clip > 0 else None)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
+                grad_norm = self._optimizer_step(opt, lr)
                 state["tokens"] += tokens
                 dt = time.perf_counter() - t0
                 state["train_seconds"] = time.perf_counter() - t_start
                 if main and (step % tc.log_every == 0 or step == total):
-                    rec = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens / dt,
-                           "grad_norm": grad_norm, "epoch": state["consumed"] / per_epoch,
-                           "elapsed": state["train_seconds"]}
-                    metrics.write(rec)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", refresh=False)
-                bar.update(1)
+                    metrics.write({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens / dt,
+                                   "grad_norm": grad_norm, "epoch": state["consumed"] / per_epoch,
+                                   "elapsed": state["train_seconds"]})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
                 if tc.eval_every and step % tc.eval_every == 0 and step < total:
                     last_eval = self._eval(metrics, step)
                     model.train()
