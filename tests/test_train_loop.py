@@ -60,8 +60,10 @@ def test_every_task_trains_and_writes_its_records(files, tmp_path, task, model, 
         assert summary["eval"]["adapted"]["loss"] < summary["eval"]["base"]["loss"]
 
 
-def test_resume_after_sigint_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
-    kw = {"max_steps": 8, "grad_accum": 2, "batch_size": 3, "save_every": 4, "eval_before": False}
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_a_signal_equals_an_uninterrupted_run(files, tmp_path, monkeypatch, signum):
+    # 8 steps x 2 micro-batches x 8 rows = 128 rows > one epoch: the resumed run crosses an epoch boundary
+    kw = {"max_steps": 8, "grad_accum": 2, "batch_size": 8, "save_every": 4, "eval_before": False}
     full = Trainer(config(files, tmp_path / "full", **kw))
     full.train()
     reference = {n: p.detach().clone() for n, p in full.model.trainable_parameters()}
@@ -69,16 +71,18 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(files, tmp_path, monkey
     calls = {"n": 0}
     original = Trainer._forward
 
-    def forward_then_signal(self, model, batch):  # a real SIGINT in the middle of micro-batch 6 (step 3)
+    def forward_then_signal(self, model, batch):  # a real signal in the middle of micro-batch 6 (step 3)
         calls["n"] += 1
         if calls["n"] == 6:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(self, model, batch)
 
     monkeypatch.setattr(Trainer, "_forward", forward_then_signal)
+    handler_before = signal.getsignal(signum)
     summary = Trainer(config(files, tmp_path / "cut", **kw)).train()
     assert summary["status"] == "interrupted" and summary["steps"] == 3
     assert latest_checkpoint(tmp_path / "cut").name == "step-3"
+    assert signal.getsignal(signum) == handler_before  # the Trainer restores the caller's handler
     monkeypatch.setattr(Trainer, "_forward", original)
 
     resumed = Trainer(config(files, tmp_path / "cut", **kw))
