@@ -13,7 +13,7 @@ from test_train_fixtures import labelled_rows, text_rows, tiny_bert_dir, tiny_ll
 
 import slimtune as st
 import slimtune.train.checkpoint as ckpt_mod
-from slimtune.train import Trainer, TrainingAborted, train
+from slimtune.train import CheckpointError, Trainer, TrainingAborted, train
 from slimtune.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from slimtune.train.metrics import read_metrics
 
@@ -201,3 +201,11 @@ def test_bf16_autocast_trains(files, tmp_path):
     summary = train(config(files, tmp_path / "bf16", max_steps=2, eval_before=False, precision="bf16"))
     losses = [r["loss"] for r in read_metrics(tmp_path / "bf16") if r.get("split", "train") == "train"]
     assert summary["status"] == "completed" and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_resume_refuses_a_changed_run(files, tmp_path):
+    train(config(files, tmp_path / "run", max_steps=2, eval_before=False))
+    with pytest.raises(CheckpointError, match=r"train\.lr=0\.01, this run has 0\.001"):
+        Trainer(config(files, tmp_path / "run", max_steps=2, lr=1e-3)).train(resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(config(files, tmp_path / "empty", max_steps=2)).train(resume=True)

@@ -80,6 +80,25 @@ def _clear_previous_run(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+# train fields that may change between an interrupted run and its resumption without breaking it
+_RESUMABLE_CHANGES = {"progress", "log_every", "eval_every", "save_every", "keep_last", "max_bad_steps", "eval_before"}
+
+
+def _check_same_run(saved: dict | None, cfg: TrainConfig, ckpt: Path) -> None:
+    """Refuse to resume a checkpoint into a run whose model, method, data or schedule differ."""
+    if saved is None:
+        return
+    now = cfg.to_dict()
+    for section in ("model", "method", "data", "train"):
+        old, new = saved.get(section, {}), now[section]
+        for key in sorted(set(old) | set(new)):
+            if section == "train" and key in _RESUMABLE_CHANGES:
+                continue
+            if old.get(key) != new.get(key):
+                raise CheckpointError(f"{ckpt}: saved with {section}.{key}={old.get(key)!r}, this run has "
+                                      f"{new.get(key)!r}; resuming would not continue the same run")
+
+
 class Trainer:
     """Fine-tune an adapter as described by a :class:`TrainConfig`.
 
@@ -142,6 +161,7 @@ class Trainer:
             if ckpt is None:
                 raise CheckpointError(f"{self.run_dir}: --resume given but no checkpoint in {self.run_dir}/checkpoints")
             state = load_checkpoint(ckpt, self.model, opt)
+            _check_same_run(state.pop("config", None), cfg, ckpt)
             step = state.pop("step")
             log.info("resumed from %s (step %d)", ckpt, step)
             if metrics:
@@ -217,6 +237,7 @@ class Trainer:
 
     def _save(self, opt, state: dict, step: int) -> None:
         if self.rank == 0:
+            state = {**state, "config": self.config.to_dict()}
             save_checkpoint(self.run_dir, step, self.model, opt, state, self.config.train.keep_last)
 
     def _accumulate(self, model: nn.Module, state: dict, per_epoch: int, perms: dict) -> tuple[float, int]:
