@@ -44,6 +44,7 @@ def config(files, out, task="causal_lm", model="llama", data="lm.jsonl", **train
     ("causal_lm", "llama", "lm.jsonl", "loss"),
     ("instruction", "llama", "alpaca.jsonl", "loss"),
     ("classification", "bert", "cls.jsonl", "accuracy"),
+    ("classification", "llama", "cls.jsonl", "accuracy"),  # decoder classifier: needs a pad id, head "score"
     ("generative_classification", "llama", "cls.jsonl", "accuracy"),
 ])
 def test_every_task_trains_and_writes_its_records(files, tmp_path, task, model, data, metric):

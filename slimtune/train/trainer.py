@@ -122,6 +122,9 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model.name)
         self.data: TaskData = load_data(config, self.tokenizer)
         self.model = build_model(config, self.data, model).to(self.device)
+        hf_config = getattr(self.model, "config", None)
+        if hf_config is not None and getattr(hf_config, "pad_token_id", 0) is None:
+            hf_config.pad_token_id = pad_id(self.tokenizer)  # decoder classifiers find the last real token by it
         self._stop: str | None = None
 
     # -- public --------------------------------------------------------------------------------------
@@ -304,8 +307,10 @@ class Trainer:
                                    "elapsed": state["train_seconds"]})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
                 if tc.eval_every and step % tc.eval_every == 0 and step < total:
+                    t_eval = time.perf_counter()
                     last_eval = self._eval(metrics, step)
                     model.train()
+                    t_start += time.perf_counter() - t_eval  # train_seconds counts training only
                 stop = self._stop_requested()
                 if stop or (tc.save_every and step % tc.save_every == 0):
                     self._save(opt, state, step)
