@@ -11,10 +11,9 @@ from slimtune.errors import (  # noqa: E402
     SlimtuneError,
     TargetNotFoundError,
 )
-from slimtune.io import load  # noqa: E402
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
-from slimtune.tuned import TunedModel, attach  # noqa: E402
+from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
 __all__ = [
     "METHODS",

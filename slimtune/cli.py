@@ -15,18 +15,19 @@ from slimtune.errors import SlimtuneError
 def _cmd_methods(args: argparse.Namespace) -> int:
     from slimtune.methods import METHODS
 
-    rows = [(m.name, m.category, "yes" if m.mergeable else "no", m.params, m.peft_type or "-", m.paper)
+    rows = [(m.name, m.shape, m.category, "yes" if m.mergeable else "no", m.params, m.peft_type or "-", m.paper)
             for m in sorted(METHODS.values(), key=lambda m: (m.category, m.name))]
-    _table(["method", "category", "mergeable", "params per module", "PEFT type", "paper"], rows)
+    _table(["method", "shape", "category", "mergeable", "params", "PEFT type", "paper"], rows)
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
-    from slimtune.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
+    from slimtune.adapter_files import read_adapter
+    from slimtune.io import CONFIG_NAME, WEIGHTS_NAME
 
-    cfg, raw, tensors = read_adapter_dir(args.path)
+    cfg, raw, tensors = read_adapter(args.path)
     path = Path(args.path)
     size = sum(p.stat().st_size for p in (path / WEIGHTS_NAME, path / CONFIG_NAME))
     with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
@@ -67,7 +68,7 @@ def _load_base_for(adapter: str, base: str | None):
 
     from slimtune.io import read_adapter_dir
 
-    _, raw, _ = read_adapter_dir(adapter)
+    raw, _ = read_adapter_dir(adapter)
     path = base or raw.get("base_model_name_or_path")
     if not path:
         raise SlimtuneError(f"{adapter}: the adapter does not record its base model; pass --base PATH")

@@ -34,3 +34,7 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest option, or '' when nothing is close."""
     close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class AdapterSaveError(SlimtuneError, OSError):
+    """An adapter cannot be written where asked (the path is a file, say)."""

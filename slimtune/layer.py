@@ -24,6 +24,26 @@ class AdapterState:
     disabled: bool = False
 
 
+_WRAPPER_PARTS = (".base_layer", ".original_module")
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a parameter name of a wrapped model belongs to an adapter rather than to the base."""
+    return ".adapters." in name or ".modules_to_save." in name
+
+
+def base_name(name: str) -> str:
+    """A wrapped model's parameter name as the unwrapped base calls it ('q_proj.base_layer.bias' -> 'q_proj.bias')."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part + ".", ".")
+    return name
+
+
+def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(base name, parameter) of the base model's own tensors, seen through slimtune's wrappers."""
+    return [(base_name(n), p) for n, p in model.named_parameters() if not is_adapter_tensor(n)]
+
+
 class AdapterLayer(nn.Module):
     """Wraps `base_layer` (named as in HF PEFT so base tensor names match its files)."""
 
@@ -37,69 +57,87 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         state = self._state
-        if state.disabled or not self.adapters:
+        if not self.adapters:
             return self.base_layer(x, *args, **kwargs)
-        if state.routing is not None:
-            return self._routed(x, self.base_layer(x, *args, **kwargs), state.routing)
-        live = [n for n in state.active if n in self.adapters and n not in self.merged]
-        fused = getattr(self.adapters[live[0]], "fused_forward", None) if len(live) == 1 else None
-        if fused is not None and not args and not kwargs:
-            out = fused(x, self.base_layer)  # base and adapter in one node, when the method offers it
+        if state.routing is not None and not state.disabled:
+            return self._routed(x, state.routing, args, kwargs)
+        live = [] if state.disabled else [n for n in state.active if n in self.adapters and n not in self.merged]
+        idle = [a for n, a in self.adapters.items() if a.changes_base and n not in live and n not in self.merged]
+        if len(live) == 1 and not idle and not args and not kwargs:
+            out = self.adapters[live[0]].fused_forward(x, self.base_layer)  # base + adapter in one node
             if out is not None:
                 return out
+        adapters = [self.adapters[n] for n in live]
+        for adapter in adapters:
+            if adapter.transforms_input:
+                x = adapter.transform_input(x, self.base_layer)
         out = self.base_layer(x, *args, **kwargs)
-        for name in live:
-            out = self.adapters[name](x, out, self.base_layer)
+        for adapter in idle:
+            out = adapter.inactive_forward(x, out, self.base_layer)
+        for adapter in adapters:
+            out = adapter(x, out, self.base_layer)
         return out
 
     # -- merge ---------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
-        for name in names:
-            if name not in self.adapters or name in self.merged:
-                continue
-            adapter = self.adapters[name]
-            if hasattr(adapter, "merge"):
-                adapter.merge(self.base_layer)
-            else:
-                weight = self.base_layer.weight
-                weight.add_(adapter.delta_weight(self.base_layer).to(weight.dtype))
+        """Fold `names` into the base weight, in order; input-side adapters fold in last, as they
+        scale the input of the base and of every other adapter alike."""
+        todo = [n for n in names if n in self.adapters and n not in self.merged]
+        todo.sort(key=lambda n: self.adapters[n].transforms_input)
+        for name in todo:
+            self.adapters[name].prepare_merge(self.base_layer)
+        for name in todo:
+            self.adapters[name].merge(self.base_layer)
             self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         while self.merged:
-            adapter = self.adapters[self.merged.pop()]
-            if hasattr(adapter, "unmerge"):
-                adapter.unmerge(self.base_layer)
-            else:
-                weight = self.base_layer.weight
-                weight.sub_(adapter.delta_weight(self.base_layer).to(weight.dtype))
+            self.adapters[self.merged.pop()].unmerge(self.base_layer)
 
     # -- mixed batches -------------------------------------------------------------------
-    def _routed(self, x: Tensor, out: Tensor, routing: list[str | None]) -> Tensor:
+    def _routed(self, x: Tensor, routing: list[str | None], args: tuple, kwargs: dict) -> Tensor:
         if len(routing) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(routing)} entries but the batch has {x.shape[0]} rows")
+        out = self.base_layer(x, *args, **kwargs)
         rows_of: dict[str, list[int]] = {}
         for i, name in enumerate(routing):
             if name is not None and name in self.adapters:
                 rows_of.setdefault(name, []).append(i)
-        groups: dict[tuple | None, list[str]] = {}
+        for name, adapter in self.adapters.items():  # rows that do not use a base-changing adapter
+            if adapter.changes_base and name not in self.merged:
+                others = [i for i, n in enumerate(routing) if n != name]
+                if others:
+                    out = self._on_rows(others, out, lambda xr, o, a=adapter: a.inactive_forward(xr, o,
+                                                                                               self.base_layer), x)
+        groups: dict[tuple[bool, object], list[str]] = {}
         for name in rows_of:
-            key = getattr(self.adapters[name], "route_key", None)
-            groups.setdefault(key, []).append(name)
-        for key, names in groups.items():
-            if key is None:
-                for name in names:
-                    out = self._rows_one_adapter(name, rows_of[name], x, out)
+            adapter = self.adapters[name]
+            key = None if adapter.transforms_input else adapter.route_key
+            groups.setdefault((False, name) if key is None else (True, key), []).append(name)
+        for (batched, _), names in groups.items():
+            if not batched:
+                out = self._rows_one_adapter(names[0], rows_of[names[0]], x, out, args, kwargs)
             else:
                 out = self._rows_batched(names, rows_of, x, out)
         return out
 
-    def _rows_one_adapter(self, name: str, rows: list[int], x: Tensor, out: Tensor) -> Tensor:
+    def _on_rows(self, rows: list[int], out: Tensor, fn, x: Tensor) -> Tensor:
         index = torch.tensor(rows, device=out.device)
-        sub = self.adapters[name](x.index_select(0, index), out.index_select(0, index), self.base_layer)
-        return out.index_copy(0, index, sub)
+        return out.index_copy(0, index, fn(x.index_select(0, index), out.index_select(0, index)))
+
+    def _rows_one_adapter(self, name: str, rows: list[int], x: Tensor, out: Tensor, args: tuple,
+                          kwargs: dict) -> Tensor:
+        adapter = self.adapters[name]
+
+        def run(xr: Tensor, base_out: Tensor) -> Tensor:
+            if adapter.transforms_input:
+                xr = adapter.transform_input(xr, self.base_layer)
+                base_out = self.base_layer(xr, *args, **kwargs)
+            return adapter(xr, base_out, self.base_layer)
+
+        return self._on_rows(rows, out, run, x)
 
     def _rows_batched(self, names: list[str], rows_of: dict[str, list[int]], x: Tensor, out: Tensor) -> Tensor:
         adapters = [self.adapters[n] for n in names]

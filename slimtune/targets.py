@@ -1,4 +1,4 @@
-"""Which modules a config attaches to, and the shapes of the modules it can wrap."""
+"""Which modules a config attaches to (what can be wrapped at all is slimtune/bases.py's registry)."""
 
 from __future__ import annotations
 
@@ -6,39 +6,12 @@ import re
 
 from torch import nn
 
+from slimtune.bases import base_kind
 from slimtune.config import MethodConfig
 from slimtune.errors import TargetNotFoundError, did_you_mean
 
-try:  # GPT-2 style fan-in/fan-out linear: weight is (d_in, d_out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()  # type: ignore[assignment,misc]
-
-WRAPPABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D)
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layers)\.(\d+)(?:\.|$)")
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
-
-
-def is_conv1d_gpt2(module: nn.Module) -> bool:
-    return bool(Conv1D) and isinstance(module, Conv1D)
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d_gpt2(module)
-
-
-def features(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a wrappable module. Embedding: (num_embeddings, embedding_dim)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if is_conv1d_gpt2(module):
-        d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
-        return d_in, d_out
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return module.in_channels, module.out_channels
-    raise TypeError(f"cannot wrap {type(module).__name__}; supported: Linear, Conv1D, Embedding, Conv1d, Conv2d")
 
 
 def layer_index(name: str) -> int | None:
@@ -71,10 +44,10 @@ def find_targets(model: nn.Module, cfg: MethodConfig, skip: set[str] = frozenset
     """
     if cfg.targets is None:
         raise TargetNotFoundError(f"{type(cfg).__name__}.targets is not set: give module names or 'all-linear'")
-    candidates = [(n, m) for n, m in _base_modules(model) if isinstance(m, WRAPPABLE) and n not in skip]
+    candidates = [(n, m) for n, m in base_modules(model) if base_kind(m) is not None and n not in skip]
     if cfg.targets == "all-linear":
         heads = output_head_names(model) | set(skip)
-        chosen = [n for n, m in candidates if is_linear(m) and n not in heads and not _under_any(n, heads)]
+        chosen = [n for n, m in candidates if base_kind(m).linear and n not in heads and not _under_any(n, heads)]
     else:
         chosen = [n for n, _ in candidates if _matches(n, cfg.targets)]
     if cfg.exclude:
@@ -86,7 +59,7 @@ def find_targets(model: nn.Module, cfg: MethodConfig, skip: set[str] = frozenset
     return chosen
 
 
-def _base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the base model as if unwrapped: an AdapterLayer stands for its base layer;
     anything inside a slimtune wrapper (adapters, saved copies) is skipped."""
     from slimtune.layer import AdapterLayer, SavedModule

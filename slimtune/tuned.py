@@ -4,6 +4,10 @@
     model.add(cfg2, name="other"); model.use(["default", "other"])
     model(**batch, adapter_names=["default", "other", None])   # one adapter per row
     model.merge(); model.unmerge(); plain = model.detach(merge=True)
+
+An adapter is whatever its method builds (methods/base.py): layer adapters inside wrapped modules,
+an input adapter around the model call, selected entries of base tensors, full copies of
+`modules_to_save`. This file names no method; it keeps names, the active set, freezing and merges.
 """
 
 from __future__ import annotations
@@ -14,27 +18,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from slimtune import adapter_files
+from slimtune.bases import kind_of
 from slimtune.config import MethodConfig
-from slimtune.errors import AdapterNameError, ConfigError, did_you_mean
+from slimtune.errors import AdapterLoadError, AdapterNameError, ConfigError, SlimtuneError, did_you_mean
+from slimtune.io import CONFIG_NAME
 from slimtune.layer import AdapterLayer, AdapterState, SavedModule
-from slimtune.methods.base import METHODS
-from slimtune.targets import features, find_targets
+from slimtune.methods.base import METHODS, LayerAdapter, MethodInfo, Selection
+from slimtune.selection import SelectedTensor, TunedEntries, install_property, owner_and_attr, remove_property
+from slimtune.targets import find_targets
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 class TunedModel(nn.Module):
-    """A base model whose target modules carry named adapters. Calls go to the base model."""
+    """A base model carrying named adapters. Calls go to the base model."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if isinstance(model, TunedModel):
             raise TypeError("model is already a TunedModel; call .add() on it to add another adapter")
         self.model = model
+        self.inputs = nn.ModuleDict()  # adapter name -> InputAdapter
+        self.selections = nn.ModuleDict()  # adapter name -> {tensor key -> TunedEntries}
         self.configs: dict[str, MethodConfig] = {}
         self._state = AdapterState()
+        self._selected: dict[tuple[int, str], SelectedTensor] = {}
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -49,11 +61,37 @@ class TunedModel(nn.Module):
     def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """Call the base model; `adapter_names` gives one adapter name (or None: base) per row."""
         with self._routing(adapter_names):
-            return self.model(*args, **kwargs)
+            inputs = self._live_inputs(adapter_names)
+            for adapter, rows in inputs:
+                kwargs = adapter.prepare(kwargs, rows)
+            out = self.model(*args, **kwargs)
+            for adapter, _ in reversed(inputs):
+                out = adapter.finish(out, kwargs)
+            return out
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         with self._routing(adapter_names):
-            return self.model.generate(*args, **kwargs)
+            inputs = self._live_inputs(adapter_names)
+            if args:
+                if inputs:
+                    kwargs["input_ids"], args = args[0], args[1:]
+            for adapter, rows in inputs:
+                kwargs = adapter.prepare_generate(kwargs, rows)
+            out = self.model.generate(*args, **kwargs)
+            for adapter, _ in reversed(inputs):
+                out = adapter.finish_generate(out)
+            return out
+
+    def _live_inputs(self, adapter_names: list[str | None] | None) -> list[tuple[nn.Module, Tensor | None]]:
+        """(input adapter, rows it applies to or None for all) in active order."""
+        if self._state.disabled or not len(self.inputs):
+            return []
+        if adapter_names is None:
+            return [(self.inputs[n], None) for n in self._state.active if n in self.inputs]
+        out = []
+        for name in dict.fromkeys(n for n in adapter_names if n in self.inputs):
+            out.append((self.inputs[name], torch.tensor([n == name for n in adapter_names])))
+        return out
 
     @contextlib.contextmanager
     def _routing(self, adapter_names: list[str | None] | None) -> Iterator[None]:
@@ -63,7 +101,10 @@ class TunedModel(nn.Module):
         for name in adapter_names:
             if name is not None and name not in self.configs:
                 raise AdapterNameError(self._unknown(name))
-        if any(layer.merged for layer in self._layers()):
+            if name is not None and name in self.selections and len(self.selections[name]):
+                raise NotImplementedError(f"adapter_names: adapter {name!r} ({self.configs[name].method}) tunes base "
+                                          "tensors, which cannot differ per row; use model.use() instead")
+        if self._merged_names():
             raise RuntimeError("adapter_names routing needs unmerged adapters: call model.unmerge() first")
         self._state.routing = list(adapter_names)
         try:
@@ -75,31 +116,89 @@ class TunedModel(nn.Module):
     def add(self, config: MethodConfig, name: str = "default", *, init: bool = True) -> TunedModel:
         """Attach a new adapter. The first one becomes active; later ones wait for `use()`.
 
+        Every module is built before any is installed, so a failure leaves the model as it was.
+
         Args:
-            init: run data-dependent init (PiSSA/OLoRA); `st.load` passes False.
+            init: run data-dependent init (PiSSA/OLoRA, prompt init from vocabulary); `st.load` passes False.
         Raises:
             AdapterNameError: the name is taken or not an identifier.
             TargetNotFoundError: the config's targets match no module.
+            ConfigError: the method cannot be built on a target (the message names the layer).
         """
         if name in self.configs:
             raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise AdapterNameError(f"adapter name {name!r}: expected letters, digits, '_' or '-', e.g. 'default'")
         info = METHODS.get(config.method)
-        if info is None:
+        if info is None or not isinstance(config, info.config):
             raise ConfigError(f"{type(config).__name__} is not a registered method config")
         saved = self._resolve_modules_to_save(config)
-        targets = find_targets(self.model, config, skip=set(saved))
-        for target in targets:
+        targets = find_targets(self.model, config, skip=set(saved)) if info.method.uses_targets(config) else []
+        layers = {t: self._build_layer(info, t, config, init) for t in targets}
+        input_adapter = info.method.build_input(self.model, config, init)
+        selections = self._build_selections(info, config, targets)
+        # nothing above changed the model; install everything
+        for target, adapter in layers.items():
             layer = self._wrap(target)
-            layer.adapters[name] = info.build(layer.base_layer, config.resolve(target), init)
+            layer.adapters[name] = adapter
+            adapter.install(layer.base_layer)
         for target in saved:
             self._wrap_saved(target).add(name)
+        if input_adapter is not None:
+            self.inputs[name] = input_adapter
+            input_adapter.attach(self.model)
+        self._install_selections(name, selections)
         self.configs[name] = config
         if not self._state.active:
             self._state.active = [name]
         self._refresh_trainable()
         return self
+
+    def _build_layer(self, info: MethodInfo, target: str, config: MethodConfig, init: bool) -> LayerAdapter:
+        base = self.model.get_submodule(target)
+        base = base.base_layer if isinstance(base, AdapterLayer) else base
+        kind = kind_of(base)
+        try:
+            return info.method.build_layer(base, config.resolve(target), init)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{info.name} on {target} ({type(base).__name__}): {e}") from None
+        except Exception as e:
+            d_in, d_out = kind.sizes(base)
+            raise ConfigError(f"{type(config).__name__} cannot be built on {target} ({type(base).__name__}, "
+                              f"d_in={d_in}, d_out={d_out}): {e}") from e
+
+    def _build_selections(self, info: MethodInfo, config: MethodConfig,
+                          targets: list[str]) -> list[tuple[str, nn.Module, str, TunedEntries]]:
+        base_names = {adapter_files.canonical(n): n for n, _ in self.model.named_parameters()
+                      if not adapter_files.is_adapter_tensor(n)}
+        out = []
+        for sel in info.method.select(self.model, config, targets):
+            if not isinstance(sel, Selection):
+                raise TypeError(f"{info.name}.select() must return Selection objects, got {type(sel).__name__}")
+            full = base_names.get(adapter_files.canonical(sel.name))
+            if full is None:
+                raise ConfigError(f"{type(config).__name__}: no base tensor named {sel.name!r}."
+                                  + did_you_mean(sel.name, base_names))
+            owner, attr = owner_and_attr(self.model, full)
+            entries = TunedEntries(owner._parameters[attr], sel.mask)
+            out.append((adapter_files.canonical(sel.name), owner, attr, entries))
+        return out
+
+    def _install_selections(self, name: str, selections: list) -> None:
+        if not selections:
+            return
+        holder = self.selections[name] = nn.ModuleDict()
+        for key, owner, attr, entries in selections:
+            holder[key.replace(".", "__")] = entries
+            selected = self._selected.get((id(owner), attr))
+            if selected is None:
+                selected = self._selected[(id(owner), attr)] = SelectedTensor(owner, attr, self._is_live)
+                install_property(owner, attr, selected)
+            selected.entries[name] = entries
+
+    def _is_live(self, name: str) -> bool:
+        state = self._state
+        return not state.disabled and state.routing is None and name in state.active
 
     def use(self, names: str | list[str]) -> TunedModel:
         """Set the active adapter(s); several compose (their deltas add up)."""
@@ -107,7 +206,7 @@ class TunedModel(nn.Module):
         for name in names:
             if name not in self.configs:
                 raise AdapterNameError(self._unknown(name))
-        if any(layer.merged for layer in self._layers()):
+        if self._merged_names():
             raise RuntimeError("cannot change the active set while adapters are merged: call unmerge() first")
         self._state.active = names
         self._refresh_trainable()
@@ -117,15 +216,22 @@ class TunedModel(nn.Module):
         """Remove an adapter (giving back any base weights its init took)."""
         if name not in self.configs:
             raise AdapterNameError(self._unknown(name))
+        if name in self._merged_names():
+            raise RuntimeError(f"adapter {name!r} is merged: call unmerge() before delete()")
         for layer in self._layers():
-            if name in layer.merged:
-                raise RuntimeError(f"adapter {name!r} is merged: call unmerge() before delete()")
             if name in layer.adapters:
-                adapter = layer.adapters.pop(name)
-                if hasattr(adapter, "release"):
-                    adapter.release(layer.base_layer)
+                layer.adapters.pop(name).release(layer.base_layer)
         for saved in self._saved_modules():
             saved.modules_to_save.pop(name, None)
+        if name in self.inputs:
+            self.inputs.pop(name).detach(self.model)
+        if name in self.selections:
+            del self.selections[name]
+        for key, selected in list(self._selected.items()):
+            selected.entries.pop(name, None)
+            if not selected.entries:
+                remove_property(selected.owner, selected.attr)
+                del self._selected[key]
         del self.configs[name]
         self._state.active = [n for n in self._state.active if n != name]
         self._unwrap_empty()
@@ -151,16 +257,22 @@ class TunedModel(nn.Module):
     def merge(self) -> TunedModel:
         """Fold the active adapters into the base weights in place (no-op where already merged)."""
         for name in self._state.active:
-            if not METHODS[self.configs[name].method].mergeable:
-                raise NotImplementedError(f"adapter {name!r} ({self.configs[name].method}) cannot be merged")
+            info = METHODS[self.configs[name].method]
+            if not info.mergeable:
+                raise NotImplementedError(f"adapter {name!r} ({info.name}) cannot be merged: a {info.shape} method "
+                                          "that changes what the model computes, not its weights")
         for layer in self._layers():
             layer.merge(self._state.active)
+        for selected in self._selected.values():
+            selected.merge(self._state.active)
         return self
 
     def unmerge(self) -> TunedModel:
-        """Undo `merge()`, restoring the base weights (up to float rounding)."""
+        """Undo `merge()`, restoring the base weights (selected tensors bit for bit)."""
         for layer in self._layers():
             layer.unmerge()
+        for selected in self._selected.values():
+            selected.unmerge()
         return self
 
     def detach(self, merge: bool = False) -> nn.Module:
@@ -171,30 +283,40 @@ class TunedModel(nn.Module):
         """
         self.merge() if merge else self.unmerge()
         for name, layer in list(self._layers(named=True)):
-            if not merge:
-                for adapter in layer.adapters.values():
-                    if hasattr(adapter, "release"):
-                        adapter.release(layer.base_layer)
+            for adapter_name, adapter in layer.adapters.items():
+                if adapter_name not in layer.merged:
+                    adapter.release(layer.base_layer)
             self._replace(name, layer.base_layer)
         for name, saved in list(self._saved_modules(named=True)):
             self._replace(name, saved.current() if merge else saved.original_module)
+        for adapter in self.inputs.values():
+            adapter.detach(self.model)
+        for selected in self._selected.values():
+            remove_property(selected.owner, selected.attr)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(n, True))
-        model, self.configs = self.model, {}
+        model, self.configs, self._selected = self.model, {}, {}
         return model
 
     # -- inspection --------------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        """(name, parameter) of everything that trains now; base names as in `model.model`."""
+        return [(n.removeprefix("model."), p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def adapter_parameter_count(self, name: str) -> int:
+        """Numbers adapter `name` saves (sparse entries counted once, not their indices)."""
+        return sum(s.tensor.numel() for k, s in adapter_files.adapter_slots(self, name).items()
+                   if not k.endswith(".sparse_index"))
 
     def summary(self, show: bool = True) -> str:
-        """Per adapter: method, modules, parameters (and % of the base); prints it by default."""
-        base_total = sum(p.numel() for n, p in self.model.named_parameters() if _is_base_param(n))
-        lines = [f"{'adapter':<12} {'method':<8} {'modules':>7} {'params':>12} {'% of base':>9}  active"]
+        """Per adapter: method, shape, modules, parameters (and % of the base); prints it by default."""
+        base_total = sum(p.numel() for n, p in self.model.named_parameters() if not adapter_files.is_adapter_tensor(n))
+        lines = [f"{'adapter':<12} {'method':<10} {'shape':<9} {'modules':>7} {'params':>12} {'% of base':>9}  active"]
         for name, cfg in self.configs.items():
-            n_params = sum(t.numel() for t in self._adapter_params(name).values())
-            n_modules = sum(name in layer.adapters for layer in self._layers())
-            lines.append(f"{name:<12} {cfg.method:<8} {n_modules:>7} {n_params:>12,} "
+            n_params = self.adapter_parameter_count(name)
+            n_modules = sum(name in layer.adapters for layer in self._layers()) + sum(
+                name in s.entries for s in self._selected.values())
+            lines.append(f"{name:<12} {cfg.method:<10} {METHODS[cfg.method].shape:<9} {n_modules:>7} {n_params:>12,} "
                          f"{100 * n_params / max(base_total, 1):>8.3f}%  {'yes' if name in self.active else ''}")
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
         lines.append(f"trainable now: {trainable:,} of {base_total + trainable:,} "
@@ -205,29 +327,25 @@ class TunedModel(nn.Module):
         return text
 
     def adapter_state_dict(self, name: str | None = None) -> dict[str, Tensor]:
-        """The tensors that define adapter `name` (default: the first active), keyed as on disk."""
-        from slimtune.io import adapter_tensors
+        """Copies of the tensors that define adapter `name` (default: the first active), keyed as on disk."""
+        slots = adapter_files.adapter_slots(self, self._one_name(name))
+        return {k: s.tensor.detach().clone() for k, s in slots.items()}
 
-        return adapter_tensors(self, self._one_name(name))
-
-    def load_adapter_state_dict(self, tensors: dict[str, Tensor], name: str | None = None) -> None:
-        from slimtune.io import load_tensors_into
-
-        load_tensors_into(self, self._one_name(name), tensors, source="state dict")
+    def load_adapter_state_dict(self, tensors: dict[str, Tensor], name: str | None = None,
+                                allow_nonfinite: bool = False) -> None:
+        adapter_files.load_tensors(self, self._one_name(name), tensors, "state dict", allow_nonfinite)
 
     def save(self, path: str | Path, format: str = "slimtune", name: str | None = None) -> Path:
         """Save adapter(s): `name` alone, or every adapter (the first at `path`, others in subfolders).
 
         format="peft" writes exactly what HF PEFT writes, for methods PEFT has.
         """
-        from slimtune.io import save_adapter
-
         names = [name] if name is not None else list(self.configs)
         if not names:
             raise AdapterNameError("this model has no adapters to save")
         path = Path(path)
         for i, n in enumerate(names):
-            save_adapter(self, n, path if i == 0 else path / n, format=format)
+            adapter_files.save(self, n, path if i == 0 else path / n, format=format)
         return path
 
     # -- internals -----------------------------------------------------------------------------
@@ -254,20 +372,14 @@ class TunedModel(nn.Module):
                 yield (n, m) if named else m
 
     def _merged_names(self) -> list[str]:
-        return sorted({n for layer in self._layers() for n in layer.merged})
-
-    def _adapter_params(self, name: str) -> dict[str, Tensor]:
-        out = {}
-        for n, p in self.model.named_parameters():
-            if f".adapters.{name}." in n or f".modules_to_save.{name}." in n:
-                out[n] = p
-        return out
+        names = {n for layer in self._layers() for n in layer.merged}
+        names |= {n for s in self._selected.values() for n in s.merged}
+        return sorted(names)
 
     def _wrap(self, target: str) -> AdapterLayer:
         module = self.model.get_submodule(target)
         if isinstance(module, AdapterLayer):
             return module
-        features(module)  # raises a clear TypeError for unsupported module types
         layer = AdapterLayer(module, self._state)
         self._replace(target, layer)
         return layer
@@ -308,32 +420,18 @@ class TunedModel(nn.Module):
                 self._replace(name, saved.original_module)
 
     def _refresh_trainable(self) -> None:
+        """Only the active adapters' tensors train (minus each layer adapter's `frozen` ones)."""
         active = set(self._state.active)
         for layer in self._layers():
             for name, adapter in layer.adapters.items():
-                frozen = getattr(adapter, "frozen", set())
                 for pname, p in adapter.named_parameters():
-                    p.requires_grad_(name in active and pname.split(".")[0] not in frozen)
+                    p.requires_grad_(name in active and pname.split(".")[0] not in adapter.frozen)
         for saved in self._saved_modules():
             for name, copy in saved.modules_to_save.items():
                 copy.requires_grad_(name in active)
-        self._refresh_bias(active)
-
-    def _refresh_bias(self, active: set[str]) -> None:
-        modes = {getattr(self.configs[n], "bias", "none") for n in active if n in self.configs}
-        if "all" in modes:
-            for n, p in self.model.named_parameters():
-                if n.endswith("bias") and _is_base_param(n):
-                    p.requires_grad_(True)
-        elif "lora_only" in modes:
-            for layer in self._layers():
-                bias = getattr(layer.base_layer, "bias", None)
-                if bias is not None and any(n in layer.adapters for n in active):
-                    bias.requires_grad_(True)
-
-
-def _is_base_param(name: str) -> bool:
-    return ".adapters." not in name and ".modules_to_save." not in name
+        for holder in (self.inputs, self.selections):
+            for name, module in holder.items():
+                module.requires_grad_(name in active)
 
 
 def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> TunedModel:
@@ -341,3 +439,34 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> Tun
     tuned = model if isinstance(model, TunedModel) else TunedModel(model)
     return tuned.add(config, name)
 
+
+def load(model: nn.Module, path: str | Path, name: str = "default", *, allow_nonfinite: bool = False) -> TunedModel:
+    """Attach the adapter(s) saved at `path` (ours or HF PEFT's) to `model`.
+
+    Subfolders holding an adapter (as `save()` writes for extra adapters) load under their folder name.
+    A failed load leaves `model` as it was.
+
+    Args:
+        allow_nonfinite: load tensors holding NaN/inf instead of refusing them.
+    """
+    path = Path(path)
+    tuned = model if isinstance(model, TunedModel) else TunedModel(model)
+    entries = [(name, path)]
+    if path.is_dir():
+        entries += sorted((p.name, p) for p in path.iterdir() if (p / CONFIG_NAME).exists())
+    for adapter_name, folder in entries:
+        cfg, raw, tensors = adapter_files.read_adapter(folder)
+        if "peft_type" in raw and cfg.modules_to_save:  # PEFT lists heads of every task type; keep ours
+            names = [n for n, _ in tuned.model.named_modules()]
+            kept = [e for e in cfg.modules_to_save if any(n == e or n.endswith("." + e) for n in names)]
+            cfg = cfg.replace(modules_to_save=list(dict.fromkeys(kept)) or None)
+        tuned.add(cfg, adapter_name, init=False)
+        try:
+            adapter_files.load_tensors(tuned, adapter_name, tensors, str(folder), allow_nonfinite)
+        except SlimtuneError as e:
+            tuned.delete(adapter_name)
+            theirs = raw.get("base_fingerprint")
+            if isinstance(e, AdapterLoadError) and theirs and theirs != adapter_files.base_fingerprint(tuned.model):
+                raise AdapterLoadError(f"{e} Adapter base_fingerprint {theirs} differs.") from None
+            raise
+    return tuned

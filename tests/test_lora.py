@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import slimtune as st
+from slimtune.bases import sizes as features
 from slimtune.layer import AdapterLayer, SavedModule
 from slimtune.methods import METHODS
-from slimtune.targets import features
 from tests.conftest import MODELS, output, randomize, tiny_gpt2, tiny_llama
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
@@ -233,9 +233,11 @@ def test_modules_to_save_trains_a_copy_and_round_trips(tmp_path):
 
 def test_bias_lora_only_trains_wrapped_biases():
     model = st.attach(tiny_gpt2(), st.LoraConfig(r=2, targets=["c_attn"], bias="lora_only"))
-    names = [n for n, _ in model.trainable_parameters()]
-    assert any(n.endswith("c_attn.base_layer.bias") for n in names)
-    assert not any("c_fc" in n for n in names)
+    keys = list(model.adapter_state_dict())
+    assert sum(k.endswith("c_attn.base_layer.bias") for k in keys) == 2  # both layers' wrapped biases
+    assert not any("c_fc" in k or "ln_" in k for k in keys)
+    assert sum(p.numel() for _, p in model.trainable_parameters()) == sum(
+        model.adapter_state_dict()[k].numel() for k in keys)
 
 
 @pytest.mark.parametrize("bias", [True, False])

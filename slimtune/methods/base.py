@@ -1,33 +1,221 @@
-"""The method contract and the registry.
+"""The method contract: three shapes of PEFT method, and the registry.
 
-A *layer method* is an `nn.Module` built as `build(base, cfg)` for one wrapped base module:
+A method file defines a config (a `MethodConfig` subclass), the module(s) it adds, and a
+`Method` subclass registered with `@register`. The engine (tuned.py, layer.py, io.py) calls only
+the hooks below; each has a default, so a method overrides just what applies to it.
 
-    forward(x, base_out, base) -> out          what the wrapped module now computes
-    delta_weight(base) -> Tensor   (optional)  additive merge: W += delta   (base's layout)
-    merge(base) / unmerge(base)    (optional)  non-additive merges (DoRA)
-    frozen: set[str]                            parameter names that never train (LoRA-FA's A)
-    peft_keys: dict[str, str]                   our tensor name -> HF PEFT's suffix on disk
+Shapes (`Method.shape`; a method may also use the hooks of the others, e.g. LoRA's `bias`
+option selects base biases):
 
-The engine (layer.py / tuned.py) owns adapter names, the active set, routing, merge bookkeeping
-and saving; a method never sees an adapter name.
+- "layer": `build_layer(base_module, cfg)` returns a `LayerAdapter` for every target module.
+- "input": `build_input(model, cfg)` returns an `InputAdapter` that rewrites the model call.
+- "selective": `select(model, cfg, targets)` names base tensors (and optional masks) to train.
+
+See docs/architecture.md ("Adding a method") for a walk-through.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from slimtune.config import MethodConfig, register_config
 
+PEFT_VERSION = "0.21.2"
+PEFT_PREFIX = "base_model.model."  # HF PEFT's prefix of module tensors in adapter_model.safetensors
 
-class LayerMethod(Protocol):
-    frozen: set[str]
-    peft_keys: dict[str, str]
 
-    def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor: ...
+class LayerAdapter(nn.Module):
+    """One adapter on one wrapped module (LoRA's A and B on a q_proj, say).
+
+    The wrapped module computes `forward(transform_input(x), base(transform_input(x)), base)`;
+    several adapters on one module chain in the order of the active set. A method never sees
+    an adapter name or the active set.
+    """
+
+    #: parameter names that never train (LoRA-FA's A)
+    frozen: ClassVar[frozenset[str]] = frozenset()
+    #: our tensor name -> the on-disk suffix HF PEFT uses ("A" -> "lora_A.weight")
+    peft_keys: ClassVar[dict[str, str]] = {}
+    #: True when build()/install() changed the base weight (PiSSA's residual): `inactive_forward`
+    #: must then give back the original base output, and `release` the original weight
+    changes_base: ClassVar[bool] = False
+    #: True when `transform_input` is not the identity ((IA)3 on a feed-forward input)
+    transforms_input: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
+        """What the wrapped module outputs, given its input and the base module's output."""
+        return base_out
+
+    def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
+        """Input-side change applied before the base module runs (only if `transforms_input`)."""
+        return x
+
+    def inactive_forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
+        """Output while attached but not active (disabled, another adapter in use, a routed-away row)."""
+        return base_out
+
+    # -- merging ----------------------------------------------------------------------------
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        """W' - W in (d_out, d_in[, *kernel]) layout, for additive merges."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def prepare_merge(self, base: nn.Module) -> None:
+        """Called for every adapter of a layer before any of them merges (the weight is still W0)."""
+
+    def merge(self, base: nn.Module) -> None:
+        """Fold into the base weight: W += delta_weight by default."""
+        from slimtune.bases import add_to_weight
+
+        add_to_weight(base, self.delta_weight(base))
+
+    def unmerge(self, base: nn.Module) -> None:
+        from slimtune.bases import add_to_weight
+
+        add_to_weight(base, self.delta_weight(base), sign=-1.0)
+
+    # -- base weight changed by init -----------------------------------------------------------
+    def install(self, base: nn.Module) -> None:
+        """Change the base weight if the method's init needs it; runs only once every module built."""
+
+    def release(self, base: nn.Module) -> None:
+        """Undo `install()` (the adapter is deleted or the model detached without merging)."""
+
+    # -- speed ------------------------------------------------------------------------------------
+    def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor | None:
+        """Base and adapter in one node when this adapter is alone and active; None: not applicable."""
+        return None
+
+    # -- mixed batches: rows routed to different adapters of one kind in one batched op --------
+    @property
+    def route_key(self) -> Any:
+        """Adapters with equal non-None keys run together through `stack` / `forward_rows`."""
+        return None
+
+    @staticmethod
+    def stack(adapters: list[LayerAdapter]) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def forward_rows(stacks: Any, x: Tensor, base_out: Tensor, slot: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    # -- files --------------------------------------------------------------------------------------
+    def export_tensors(self) -> dict[str, Tensor]:
+        """Tensors written to disk (default: the state dict). PiSSA exports a rank-2r LoRA instead."""
+        return dict(self.state_dict(keep_vars=True))
+
+
+class InputAdapter(nn.Module):
+    """Changes what the network sees (soft prompts, key/value prefixes).
+
+    `TunedModel` calls `prepare(kwargs, rows)` with the keyword arguments of the model call
+    (input_ids, attention_mask, labels, ...) and calls the model with what it returns; `finish`
+    post-processes the output. `rows` is a bool tensor of the batch rows this adapter applies to
+    (None: all rows). `generate()` goes through `prepare_generate` / `finish_generate`.
+    """
+
+    def attach(self, model: nn.Module) -> None:
+        """Install hooks on the base model (called once the adapter is added)."""
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove what `attach` installed."""
+
+    def prepare(self, kwargs: dict[str, Any], rows: Tensor | None) -> dict[str, Any]:
+        return kwargs
+
+    def finish(self, output: Any, kwargs: dict[str, Any]) -> Any:
+        return output
+
+    def prepare_generate(self, kwargs: dict[str, Any], rows: Tensor | None) -> dict[str, Any]:
+        return self.prepare(kwargs, rows)
+
+    def finish_generate(self, output: Any) -> Any:
+        return output
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        """Tensors written to disk, keyed as on disk (no module prefix)."""
+        return dict(self.state_dict(keep_vars=True))
+
+
+@dataclass
+class Selection:
+    """A base tensor a selective method trains: `name` as in `model.named_parameters()`, and an
+    optional bool `mask` of the entries that train (None: the whole tensor)."""
+
+    name: str
+    mask: Tensor | None = None
+
+
+@dataclass
+class PeftContext:
+    """What a method's HF PEFT translation may need to know about the model and adapter."""
+
+    task_type: str | None
+    base_model_name_or_path: str | None
+    target_modules: list[str] | None  # leaf names when they select exactly the targets, else full names
+    target_kinds: set[str] = field(default_factory=set)  # BaseKind names of the targets
+    modules_to_save: list[str] | None = None
+    model: nn.Module | None = None
+
+    def common(self, peft_type: str) -> dict[str, Any]:
+        """The fields every HF PEFT adapter_config.json carries."""
+        return {
+            "peft_type": peft_type,
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": None,
+            "inference_mode": True,
+            "peft_version": PEFT_VERSION,
+        }
+
+
+class Method:
+    """A registered PEFT method. Subclass, set the class attributes, override the hooks that apply."""
+
+    name: ClassVar[str] = ""
+    config: ClassVar[type[MethodConfig]] = MethodConfig
+    shape: ClassVar[str] = "layer"  # "layer" | "input" | "selective"
+    category: ClassVar[str] = ""
+    params: ClassVar[str] = ""  # parameter count per module (layer), or in total, as a formula
+    paper: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+    peft_type: ClassVar[str | None] = None  # HF PEFT's name, when PEFT has the method
+
+    # -- attaching --------------------------------------------------------------------------------
+    def uses_targets(self, cfg: MethodConfig) -> bool:
+        """Whether the engine should wrap `cfg.targets` with `build_layer`."""
+        return self.shape == "layer"
+
+    def build_layer(self, base: nn.Module, cfg: MethodConfig, init: bool = True) -> LayerAdapter:
+        """A new adapter module for one target. Must not change `base` (do that in `install`)."""
+        raise NotImplementedError(f"method {self.name!r} has no layer adapter")
+
+    def build_input(self, model: nn.Module, cfg: MethodConfig, init: bool = True) -> InputAdapter | None:
+        return None
+
+    def select(self, model: nn.Module, cfg: MethodConfig, targets: list[str]) -> list[Selection]:
+        """Base tensors to train. `targets`: the modules wrapped for this adapter (layer shape)."""
+        return []
+
+    # -- files --------------------------------------------------------------------------------------
+    def saved_config(self, cfg: MethodConfig) -> MethodConfig:
+        """The config written next to `LayerAdapter.export_tensors()` (PiSSA: the rank-2r LoRA)."""
+        return cfg
+
+    def to_peft(self, cfg: MethodConfig, ctx: PeftContext) -> dict[str, Any]:
+        raise NotImplementedError(f"format='peft' for method {self.name!r}: HF PEFT has no such method"
+                                  if self.peft_type is None else f"format='peft' for {self.name!r} is not implemented")
+
+    def from_peft(self, data: dict[str, Any]) -> MethodConfig:
+        raise NotImplementedError(f"loading HF PEFT adapters of peft_type={data.get('peft_type')!r}")
+
+    def input_peft_keys(self) -> dict[str, str]:
+        """Input adapters: our tensor name -> HF PEFT's key (they have no module prefix)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -35,33 +223,53 @@ class MethodInfo:
     """What `slimtune methods` prints about a registered method."""
 
     name: str
-    config: type[MethodConfig]
-    build: Callable[[nn.Module, MethodConfig], nn.Module]
+    shape: str
     category: str
     params: str
     paper: str
     mergeable: bool
-    peft_type: str | None = None
+    peft_type: str | None
+    config: type[MethodConfig]
+    method: Method
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
-def register(
-    name: str,
-    config: type[MethodConfig],
-    *,
-    category: str,
-    params: str,
-    paper: str,
-    mergeable: bool,
-    peft_type: str | None = None,
-) -> Callable:
-    """Decorator on a builder `build(base, cfg) -> nn.Module` that registers a method."""
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a Method subclass under `cls.name`."""
+    if cls.shape not in ("layer", "input", "selective"):
+        raise ValueError(f"{cls.__name__}.shape={cls.shape!r}: expected 'layer', 'input' or 'selective'")
+    register_config(cls.name, cls.config)
+    METHODS[cls.name] = MethodInfo(cls.name, cls.shape, cls.category, cls.params, cls.paper, cls.mergeable,
+                                   cls.peft_type, cls.config, cls())
+    return cls
 
-    def wrap(build: Callable) -> Callable:
-        register_config(name, config)
-        METHODS[name] = MethodInfo(name, config, build, category, params, paper, mergeable, peft_type)
-        return build
 
-    return wrap
+def method_for_peft_type(peft_type: str) -> Method:
+    """The registered method that reads HF PEFT configs of `peft_type` (the first registered)."""
+    for info in METHODS.values():
+        if info.peft_type == peft_type:
+            return info.method
+    known = sorted({i.peft_type for i in METHODS.values() if i.peft_type})
+    raise NotImplementedError(f"loading HF PEFT adapters of peft_type={peft_type!r} is not implemented; "
+                              f"supported: {', '.join(known)}")
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype for a new adapter's tensors on `base` (via the base-layer registry)."""
+    from slimtune.bases import kind_of
+
+    return kind_of(base).adapter_dtype(base)
+
+
+def factory(base: nn.Module) -> dict[str, Any]:
+    """`dtype=` and `device=` keywords for a new adapter tensor on `base`."""
+    from slimtune.bases import kind_of
+
+    kind = kind_of(base)
+    return {"dtype": kind.adapter_dtype(base), "device": kind.device(base)}
+
+
+__all__ = ["METHODS", "InputAdapter", "LayerAdapter", "Method", "MethodInfo", "PeftContext", "Selection",
+           "factory", "method_for_peft_type", "register"]

@@ -8,26 +8,31 @@ LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): A frozen after init, only B train
 Inits: "default" A kaiming-uniform, B = 0 (identity at start); "gaussian" A ~ N(0, 1/r);
 "pissa" / "pissa_niter_K" (Meng et al. 2024, arXiv:2404.02948): A, B from the top-r SVD of W0, the
 base keeps the residual W0 - s*B@A; "olora" (Buyukakyuz 2024, arXiv:2406.01775): from QR of W0.
-Merge: W += delta_W (transposed for GPT-2 Conv1D).
+Merge: W += delta_W. PiSSA/OLoRA adapters are saved as the rank-2r LoRA of the same delta against
+the original base, so any LoRA loader (HF PEFT, vLLM) can use them.
 
 DoRA (Liu et al. 2024, arXiv:2402.09353), its own class below:
     W' = m * (W0 + s*B@A) / ||W0 + s*B@A||_row      m: (d_out,) init ||W0||_row
-The row norm is treated as a constant in backward, as the paper does.
+The row norm is treated as a constant in backward, as the paper does. Beside other adapters on the
+same layer, the norm is of W0 + s*B@A (W0 without the other adapters), in forward and in merge alike.
 """
+
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.config import MethodConfig, check_field
-from slimtune.methods.base import register
-from slimtune.targets import features, is_conv1d_gpt2, is_linear
+from slimtune.bases import add_to_weight, kind_of, sizes, weight_2d
+from slimtune.config import MethodConfig, check_field, config_from_dict
+from slimtune.layer import base_parameters
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, register
 
 _INITS = re.compile(r"default|gaussian|olora|pissa(_niter_\d+)?")
 
@@ -112,36 +117,24 @@ def _pattern_value(pattern: dict | None, module_name: str, default):
     return default
 
 
-def _weight_rows(base: nn.Module) -> Tensor:
-    """The base weight in (d_out, d_in) layout (a view; Conv1D stores it transposed)."""
-    return base.weight.T if is_conv1d_gpt2(base) else base.weight
+class LowRank(LayerAdapter):
+    """A and B of a LoRA on any wrappable module; subclasses give the shapes and the branch's forward.
 
-
-def _in_base_layout(base: nn.Module, delta: Tensor) -> Tensor:
-    return delta.T if is_conv1d_gpt2(base) else delta
-
-
-def _adapter_dtype(base: nn.Module) -> torch.dtype:
-    dtype = base.weight.dtype
-    return dtype if dtype.is_floating_point else torch.float32
-
-
-class Lora(nn.Module):
-    """LoRA on a Linear or GPT-2 Conv1D: y = base(x) + s * drop(x) @ A.T @ B.T."""
+    Shapes seen flat: A (r, d_in * kernel), B (d_out, r); delta_W = s * B @ A in (d_out, d_in) layout.
+    """
 
     peft_keys = {"A": "lora_A.weight", "B": "lora_B.weight"}
 
-    def __init__(self, base: nn.Module, cfg: LoraConfig, init: bool = True) -> None:
+    def __init__(self, base: nn.Module, cfg: LoraConfig, init: bool, a_shape: tuple, b_shape: tuple) -> None:
         super().__init__()
-        d_in, d_out = features(base)
-        kw = {"dtype": _adapter_dtype(base), "device": base.weight.device}
-        self.r, self.scale = cfg.r, cfg.scale
-        self.A = nn.Parameter(torch.empty(cfg.r, d_in, **kw))
-        self.B = nn.Parameter(torch.zeros(d_out, cfg.r, **kw))
+        kw = factory(base)
+        self.r, self.scale, self.init_name = cfg.r, cfg.scale, cfg.init
+        self.A = nn.Parameter(torch.empty(*a_shape, **kw))
+        self.B = nn.Parameter(torch.zeros(*b_shape, **kw))
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
-        self.frozen = {"A"} if cfg.freeze_A else set()
-        self.init_name = cfg.init
+        self.frozen = frozenset({"A"}) if cfg.freeze_A else frozenset()
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.changes_base = cfg.init.startswith("pissa") or cfg.init == "olora"
         if init:
             self._init_from_base(base, cfg.init)
 
@@ -149,45 +142,74 @@ class Lora(nn.Module):
     def _init_from_base(self, base: nn.Module, scheme: str) -> None:
         if scheme == "gaussian":
             nn.init.normal_(self.A, std=1 / self.r)
-        elif scheme.startswith("pissa") or scheme == "olora":
-            W = _weight_rows(base)
-            A, B = (_pissa if scheme.startswith("pissa") else _olora)(W.float(), self.r, self.scale, scheme)
-            self.A.copy_(A)
-            self.B.copy_(B)
-            W.sub_((self.scale * B @ A).to(W.dtype))  # the base keeps the residual
+        elif self.changes_base:
+            W = weight_2d(base).float()  # (d_out, d_in * kernel)
+            if self.r > min(W.shape):
+                raise ValueError(f"init={scheme!r} needs r <= min(d_out, d_in) = {min(W.shape)}, got r={self.r}")
+            A, B = (_pissa if scheme.startswith("pissa") else _olora)(W, self.r, self.scale, scheme)
+            self.A.copy_(A.reshape(self.A.shape))
+            self.B.copy_(B.reshape(self.B.shape))
+        if self.changes_base:  # what the base gives up at install(); kept for disable/detach/export
             self.register_buffer("A0", self.A.detach().clone(), persistent=False)
             self.register_buffer("B0", self.B.detach().clone(), persistent=False)
+
+    def branch(self, x: Tensor, A: Tensor, B: Tensor, base: nn.Module) -> Tensor:
+        """s * (x through A then B), shaped like the base output."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
+        h = x if self.drop is None else self.drop(x)
+        return base_out + self.branch(h, self.A, self.B, base).to(base_out.dtype)
+
+    def inactive_forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
+        """The base holds W0 - s B0 A0 while attached: give back the original base output."""
+        return base_out + self.branch(x, self.A0, self.B0, base).to(base_out.dtype)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        return self.scale * (self.B.reshape(self.B.shape[0], -1) @ self.A.reshape(self.r, -1))
+
+    def install(self, base: nn.Module) -> None:
+        if self.changes_base:
+            with torch.no_grad():
+                add_to_weight(base, self._original_delta(), sign=-1.0)  # the base keeps the residual
+
+    def release(self, base: nn.Module) -> None:
+        if self.changes_base:
+            with torch.no_grad():
+                add_to_weight(base, self._original_delta())
+
+    def _original_delta(self) -> Tensor:
+        return self.scale * (self.B0.reshape(self.B0.shape[0], -1) @ self.A0.reshape(self.r, -1))
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        """Tensors of an equivalent LoRA against the untouched base: rank 2r for PiSSA/OLoRA."""
+        if not self.changes_base:
+            return dict(self.named_parameters())
+        # delta = s(B A - B0 A0) = s [B | -B0] [A; A0]
+        return {"A": torch.cat([self.A, self.A0]), "B": torch.cat([self.B, -self.B0], dim=1)}
+
+
+class Lora(LowRank):
+    """LoRA on a Linear or GPT-2 Conv1D: y = base(x) + s * drop(x) @ A.T @ B.T."""
+
+    def __init__(self, base: nn.Module, cfg: LoraConfig, init: bool = True) -> None:
+        d_in, d_out = sizes(base)
+        super().__init__(base, cfg, init, (cfg.r, d_in), (d_out, cfg.r))
+
+    def branch(self, x: Tensor, A: Tensor, B: Tensor, base: nn.Module) -> Tensor:
+        return ((x.to(A.dtype) @ A.T) @ B.T) * self.scale
 
     def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
         h = x if self.drop is None else self.drop(x)
         h = h.to(self.A.dtype) @ self.A.T  # (..., r); B @ A is never formed
         return _add_low_rank(base_out, h, self.B, self.scale)
 
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        return _in_base_layout(base, self.scale * (self.B @ self.A))
-
     def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor | None:
         """Base and adapter in one autograd node (see _LoraLinear); None where it does not apply."""
-        if type(base) is not nn.Linear and not is_conv1d_gpt2(base):
+        W = kind_of(base).matmul_weight(base)  # (d_out, d_in), None for kinds without a plain matmul
+        if W is None or (self.drop is not None and self.training) or x.dtype != self.A.dtype or W.dtype != x.dtype:
             return None
-        if (self.drop is not None and self.training) or x.dtype != self.A.dtype or base.weight.dtype != x.dtype:
-            return None
-        W = base.weight if type(base) is nn.Linear else base.weight.T  # (d_out, d_in) view
         return _LoraLinear.apply(x, W, base.bias, self.A, self.B, self.scale)
-
-    def release(self, base: nn.Module) -> None:
-        """Give the base back what a PiSSA/OLoRA init took from it (detach without merge)."""
-        if hasattr(self, "A0"):
-            with torch.no_grad():
-                W = _weight_rows(base)
-                W.add_((self.scale * self.B0 @ self.A0).to(W.dtype))
-
-    def export_tensors(self) -> dict[str, Tensor]:
-        """Tensors of an equivalent LoRA against the untouched base (rank 2r for PiSSA/OLoRA)."""
-        if not hasattr(self, "A0"):
-            return dict(self.named_parameters())
-        # delta = s(B A - B0 A0) = s [B | -B0] [A; A0]
-        return {"A": torch.cat([self.A, self.A0]), "B": torch.cat([self.B, -self.B0], dim=1)}
 
     # -- mixed batches: rows routed to different adapters of one rank in one bmm --------------
     @property
@@ -279,62 +301,47 @@ def _olora(W: Tensor, r: int, scale: float, scheme: str) -> tuple[Tensor, Tensor
     return R[:r].contiguous(), Q[:, :r].contiguous()
 
 
-class LoraEmbedding(nn.Module):
-    """LoRA on an Embedding: y = base(ids) + s * A.T[ids] @ B.T; A = 0, B ~ N(0, 1) at init."""
+class LoraEmbedding(LowRank):
+    """LoRA on an Embedding: y = base(ids) + s * A.T[ids] @ B.T; A = 0, B ~ N(0, 1) at init (as HF PEFT).
+
+    With LoRA-FA (A frozen) the roles swap: A ~ N(0, 1) stays fixed and B (zero) learns.
+    """
 
     peft_keys = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
 
     def __init__(self, base: nn.Embedding, cfg: LoraConfig, init: bool = True) -> None:
-        super().__init__()
-        kw = {"dtype": _adapter_dtype(base), "device": base.weight.device}
-        self.scale = cfg.scale
-        self.A = nn.Parameter(torch.zeros(cfg.r, base.num_embeddings, **kw))
-        self.B = nn.Parameter(torch.randn(base.embedding_dim, cfg.r, **kw))
-        self.frozen = {"A"} if cfg.freeze_A else set()
+        super().__init__(base, cfg, init, (cfg.r, base.num_embeddings), (base.embedding_dim, cfg.r))
+        if init and not self.changes_base and cfg.init != "gaussian":
+            with torch.no_grad():
+                trainable, fixed = (self.B, self.A) if cfg.freeze_A else (self.A, self.B)
+                trainable.zero_()
+                fixed.normal_()
 
-    def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
-        h = F.embedding(x, self.A.T, base.padding_idx, base.max_norm, base.norm_type,
-                        base.scale_grad_by_freq, base.sparse)  # (..., r)
-        return _add_low_rank(base_out, h, self.B, self.scale)
-
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        return self.scale * (self.B @ self.A).T  # (num_embeddings, dim)
+    def branch(self, x: Tensor, A: Tensor, B: Tensor, base: nn.Module) -> Tensor:
+        h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return (h @ B.T) * self.scale
 
 
-class LoraConv(nn.Module):
+class LoraConv(LowRank):
     """LoRA on Conv1d/Conv2d: A is a conv with the base's kernel to r channels, B a 1x1 conv."""
 
-    peft_keys = {"A": "lora_A.weight", "B": "lora_B.weight"}
-
     def __init__(self, base: nn.Conv1d | nn.Conv2d, cfg: LoraConfig, init: bool = True) -> None:
-        super().__init__()
         if base.groups != 1:
             raise NotImplementedError(f"LoRA on grouped convolutions (groups={base.groups}) is not implemented")
-        kw = {"dtype": _adapter_dtype(base), "device": base.weight.device}
         ones = (1,) * (base.weight.dim() - 2)
-        self.scale = cfg.scale
-        self.A = nn.Parameter(torch.empty(cfg.r, base.in_channels, *base.kernel_size, **kw))
-        self.B = nn.Parameter(torch.zeros(base.out_channels, cfg.r, *ones, **kw))
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
-        self.frozen = {"A"} if cfg.freeze_A else set()
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        a_shape, b_shape = (cfg.r, base.in_channels, *base.kernel_size), (base.out_channels, cfg.r, *ones)
+        super().__init__(base, cfg, init, a_shape, b_shape)
         self._conv = F.conv2d if base.weight.dim() == 4 else F.conv1d
 
-    def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
-        h = x if self.drop is None else self.drop(x)
-        h = self._conv(h.to(self.A.dtype), self.A, None, base.stride, base.padding, base.dilation)
-        return base_out + (self._conv(h, self.B) * self.scale).to(base_out.dtype)
-
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        # composing conv(A) then 1x1 conv(B) is one conv with weight B[:, :, 0..] @ A over channels
-        B = self.B.flatten(1)  # (out, r)
-        return self.scale * torch.einsum("or,r...->o...", B, self.A)
+    def branch(self, x: Tensor, A: Tensor, B: Tensor, base: nn.Module) -> Tensor:
+        h = self._conv(x.to(A.dtype), A, None, base.stride, base.padding, base.dilation)
+        return self._conv(h, B) * self.scale
 
 
 class Dora(Lora):
     """DoRA on a Linear / Conv1D: y = g * (W0 x + s B A x) + b,  g = m / sg(||W0 + s B A||_row)."""
 
-    peft_keys = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
+    peft_keys = {**Lora.peft_keys, "m": "lora_magnitude_vector"}
 
     def __init__(self, base: nn.Module, cfg: DoraConfig, init: bool = True) -> None:
         super().__init__(base, cfg, init)
@@ -344,7 +351,7 @@ class Dora(Lora):
     @torch.no_grad()
     def _row_norm(self, base: nn.Module) -> Tensor:
         """||W + s B A|| per output row without forming the (d_out, d_in) matrix."""
-        W = _weight_rows(base)
+        W = kind_of(base).weight(base)
         key = (W.data_ptr(), W._version)
         if self._w_sqnorm is None or self._w_sqnorm[0] != key:
             self._w_sqnorm = (key, W.float().pow(2).sum(1).to(self.A.dtype))
@@ -361,49 +368,114 @@ class Dora(Lora):
             return y * g.to(y.dtype)
         return torch.addcmul((1 - g) * base.bias, g, y).to(y.dtype)  # g*(y - b) + b
 
-    route_key = None  # mixed batches go row group by row group
-    fused_forward = None  # DoRA's gain needs the base output on its own
+    @property
+    def route_key(self) -> None:
+        return None  # mixed batches go row group by row group
+
+    def fused_forward(self, x: Tensor, base: nn.Module) -> None:
+        return None  # DoRA's gain needs the base output on its own
+
+    @torch.no_grad()
+    def prepare_merge(self, base: nn.Module) -> None:
+        """The gain forward uses: from W0, before any adapter of this layer merges."""
+        self._merge_gain = self.m / self._row_norm(base)
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        W = _weight_rows(base)
-        self._merge_gain = (self.m / self._row_norm(base)).to(W.dtype)  # kept for unmerge
-        W.add_(_weight_rows_delta(self)).mul_(self._merge_gain[:, None])
+        kind = kind_of(base)
+        W = kind.weight(base)
+        g = self._merge_gain.to(W.dtype)[:, None]
+        kind.write_weight(base, (W + self.delta_weight(base).to(W.dtype)) * g)
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
-        W = _weight_rows(base)
-        W.div_(self._merge_gain[:, None]).sub_(_weight_rows_delta(self))
+        kind = kind_of(base)
+        W = kind.weight(base)
+        kind.write_weight(base, W / self._merge_gain.to(W.dtype)[:, None] - self.delta_weight(base).to(W.dtype))
         del self._merge_gain
 
-    @torch.no_grad()
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        """W' - W for the current W (the engine merges DoRA with merge(), not by adding this)."""
-        W = _weight_rows(base)
-        g = (self.m / self._row_norm(base))[:, None]
-        return _in_base_layout(base, g * (W + _weight_rows_delta(self)) - W)
 
 
-def _weight_rows_delta(adapter: Lora) -> Tensor:
-    return adapter.scale * (adapter.B @ adapter.A)
+# -- the methods ------------------------------------------------------------------------------------
+@register
+class LoraMethod(Method):
+    name, config, shape = "lora", LoraConfig, "layer"
+    category, params, paper = "reparameterized", "r*(d_in+d_out)", "arXiv:2106.09685"
+    mergeable, peft_type = True, "LORA"
+
+    def build_layer(self, base: nn.Module, cfg: LoraConfig, init: bool = True) -> LayerAdapter:
+        kind = kind_of(base).name
+        if kind == "embedding":
+            return LoraEmbedding(base, cfg, init)
+        if kind == "conv":
+            return LoraConv(base, cfg, init)
+        return Lora(base, cfg, init)
+
+    def select(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> list[Selection]:
+        """The `bias` option: biases of the wrapped modules ("lora_only") or of the whole model ("all")."""
+        if cfg.bias == "none":
+            return []
+        biases = [n for n, _ in base_parameters(model) if n.endswith(".bias")]
+        if cfg.bias == "lora_only":
+            wanted = {t + ".bias" for t in targets}
+            biases = [n for n in biases if n in wanted]
+        return [Selection(n) for n in biases]
+
+    def saved_config(self, cfg: LoraConfig) -> LoraConfig:
+        return cfg.as_rank_doubled() if cfg.init.startswith("pissa") or cfg.init == "olora" else cfg
+
+    def to_peft(self, cfg: LoraConfig, ctx: PeftContext) -> dict[str, Any]:
+        return {
+            **ctx.common("LORA"),
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": ctx.target_modules,
+            "exclude_modules": None,
+            "fan_in_fan_out": "conv1d_gpt2" in ctx.target_kinds,
+            "bias": cfg.bias,
+            "use_rslora": cfg.rslora,
+            "use_dora": cfg.method == "dora",
+            "modules_to_save": ctx.modules_to_save,
+            "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": cfg.rank_pattern or {},
+            "alpha_pattern": cfg.alpha_pattern or {},
+            "lora_bias": False,
+            "use_qalora": False,
+        }
+
+    def from_peft(self, data: dict[str, Any]) -> LoraConfig:
+        """Our config for an HF PEFT LoRA adapter_config.json (LoRA, rsLoRA, DoRA)."""
+        for flag in ("lora_bias", "use_qalora"):
+            if data.get(flag):
+                raise NotImplementedError(f"PEFT adapter with {flag}=true is not supported")
+        if data.get("target_parameters"):
+            raise NotImplementedError("PEFT adapters with target_parameters are not supported")
+        targets = data.get("target_modules")
+        return config_from_dict({
+            "method": "dora" if data.get("use_dora") else "lora",
+            "r": int(data.get("r", 8)),
+            "alpha": float(data.get("lora_alpha", 8)),
+            "dropout": float(data.get("lora_dropout", 0.0)),
+            "rslora": bool(data.get("use_rslora", False)),
+            "bias": data.get("bias", "none"),
+            "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
+            "exclude": data.get("exclude_modules"),
+            "layers": data.get("layers_to_transform"),
+            "modules_to_save": data.get("modules_to_save"),
+            "rank_pattern": data.get("rank_pattern") or None,
+            "alpha_pattern": data.get("alpha_pattern") or None,
+        })
 
 
-_PARAMS = "r*(d_in+d_out)"
+@register
+class DoraMethod(LoraMethod):
+    name, config = "dora", DoraConfig
+    params, paper = "r*(d_in+d_out)+d_out", "arXiv:2402.09353"
 
-
-@register("lora", LoraConfig, category="reparameterized", params=_PARAMS, paper="arXiv:2106.09685",
-          mergeable=True, peft_type="LORA")
-def build_lora(base: nn.Module, cfg: LoraConfig, init: bool = True) -> nn.Module:
-    if isinstance(base, nn.Embedding):
-        return LoraEmbedding(base, cfg, init)
-    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
-        return LoraConv(base, cfg, init)
-    return Lora(base, cfg, init)
-
-
-@register("dora", DoraConfig, category="reparameterized", params=_PARAMS + "+d_out", paper="arXiv:2402.09353",
-          mergeable=True, peft_type="LORA")
-def build_dora(base: nn.Module, cfg: DoraConfig, init: bool = True) -> nn.Module:
-    if not is_linear(base):
-        raise NotImplementedError(f"DoRA on {type(base).__name__} is not implemented (Linear and Conv1D only)")
-    return Dora(base, cfg, init)
+    def build_layer(self, base: nn.Module, cfg: DoraConfig, init: bool = True) -> LayerAdapter:
+        if not kind_of(base).linear:
+            raise NotImplementedError(f"DoRA on {type(base).__name__} is not implemented (Linear and Conv1D only)")
+        return Dora(base, cfg, init)
