@@ -157,6 +157,7 @@ def peft_context(tuned, name: str) -> PeftContext:
         task_type=_task_type(tuned.model),
         base_model_name_or_path=_name_or_path(tuned.model),
         target_modules=(leaves if picked == set(targets) else sorted(targets)) if targets else None,
+        targets=targets,
         target_kinds=kinds,
         modules_to_save=saved or None,
         model=tuned.model,

@@ -157,9 +157,16 @@ class PeftContext:
     task_type: str | None
     base_model_name_or_path: str | None
     target_modules: list[str] | None  # leaf names when they select exactly the targets, else full names
+    targets: list[str] = field(default_factory=list)  # full names of the wrapped modules
     target_kinds: set[str] = field(default_factory=set)  # BaseKind names of the targets
     modules_to_save: list[str] | None = None
     model: nn.Module | None = None
+
+    def peft_names(self, subset: list[str]) -> list[str]:
+        """`subset` of `targets` named the way `target_modules` names them (leaves or full names)."""
+        if self.target_modules is not None and set(self.target_modules) == set(self.targets):
+            return sorted(subset)
+        return sorted({t.split(".")[-1] for t in subset})
 
     def common(self, peft_type: str) -> dict[str, Any]:
         """The fields every HF PEFT adapter_config.json carries."""
