@@ -7,22 +7,28 @@ from slimtune.config import MethodConfig, config_from_dict, load_config  # noqa:
 from slimtune.errors import (  # noqa: E402
     AdapterLoadError,
     AdapterNameError,
+    AdapterSaveError,
     ConfigError,
     SlimtuneError,
     TargetNotFoundError,
 )
 from slimtune.methods import METHODS  # noqa: E402
+from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
+from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
 __all__ = [
     "METHODS",
     "AdapterLoadError",
     "AdapterNameError",
+    "AdapterSaveError",
+    "BitFitConfig",
     "ConfigError",
     "DoraConfig",
     "LoraConfig",
     "MethodConfig",
+    "PromptTuningConfig",
     "SlimtuneError",
     "TargetNotFoundError",
     "TunedModel",

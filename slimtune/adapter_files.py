@@ -23,7 +23,7 @@ from slimtune.config import MethodConfig, config_from_dict
 from slimtune.errors import AdapterLoadError, ConfigError, did_you_mean
 from slimtune.io import read_adapter_dir, write_adapter_dir
 from slimtune.layer import base_name, is_adapter_tensor
-from slimtune.methods.base import METHODS, PEFT_PREFIX, PeftContext, method_for_peft_type
+from slimtune.methods.base import METHODS, PEFT_PREFIX, PROMPT_PREFIX, PeftContext, method_for_peft_type
 from slimtune.selection import TunedEntries
 
 
@@ -38,7 +38,10 @@ class Slot:
 
 def canonical(key: str) -> str:
     """A key with the PEFT prefix and slimtune/PEFT wrapper levels removed."""
-    return base_name(key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
+    for prefix in (PEFT_PREFIX, PROMPT_PREFIX):
+        if key.startswith(prefix):
+            return base_name(key[len(prefix):])
+    return base_name(key)
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -53,17 +56,18 @@ def base_fingerprint(model: nn.Module) -> str:
 def adapter_slots(tuned, name: str, export: bool = False) -> dict[str, Slot]:
     """On-disk key -> Slot for every tensor of adapter `name` (export=True: as written to files)."""
     slots: dict[str, Slot] = {}
+    prefix = METHODS[tuned.configs[name].method].method.module_prefix
     for module_name, layer in tuned._layers(named=True):
         if name in layer.adapters:
             adapter = layer.adapters[name]
             dims = set(kind_of(layer.base_layer).sizes(layer.base_layer))
             tensors = adapter.export_tensors() if export else dict(adapter.state_dict(keep_vars=True))
             for tname, t in tensors.items():
-                slots[f"{PEFT_PREFIX}{module_name}.{adapter.peft_keys.get(tname, tname)}"] = Slot(t, dims)
+                slots[f"{prefix}{module_name}.{adapter.peft_keys.get(tname, tname)}"] = Slot(t, dims)
     for module_name, saved in tuned._saved_modules(named=True):
         if name in saved.modules_to_save:
             for tname, t in saved.modules_to_save[name].state_dict(keep_vars=True).items():
-                slots[f"{PEFT_PREFIX}{module_name}.{tname}"] = Slot(t, set(t.shape))
+                slots[f"{prefix}{module_name}.{tname}"] = Slot(t, set(t.shape))
     if name in tuned.inputs:
         keys = METHODS[tuned.configs[name].method].method.input_peft_keys()
         for tname, t in tuned.inputs[name].export_tensors().items():
@@ -73,7 +77,7 @@ def adapter_slots(tuned, name: str, export: bool = False) -> dict[str, Slot]:
         entries = selected.entries.get(name)
         if entries is None:
             continue
-        pname = PEFT_PREFIX + names[id(selected.base)]
+        pname = prefix + names[id(selected.base)]
         if entries.sparse:
             slots[pname + ".sparse_index"] = Slot(entries.index, set(), entries)
             slots[pname + ".sparse_values"] = Slot(entries.values, set(), entries)

@@ -20,7 +20,8 @@ def layer_index(name: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def _matches(name: str, pattern: str | list[str]) -> bool:
+def matches(name: str, pattern: str | list[str]) -> bool:
+    """Whether module `name` is picked by `pattern` (suffixes, one regex, or one suffix)."""
     if isinstance(pattern, str):
         if _REGEX_CHARS & set(pattern) or "." in pattern.strip("."):
             return re.fullmatch(pattern, name) is not None or name.endswith("." + pattern) or name == pattern
@@ -49,9 +50,9 @@ def find_targets(model: nn.Module, cfg: MethodConfig, skip: set[str] = frozenset
         heads = output_head_names(model) | set(skip)
         chosen = [n for n, m in candidates if base_kind(m).linear and n not in heads and not _under_any(n, heads)]
     else:
-        chosen = [n for n, _ in candidates if _matches(n, cfg.targets)]
+        chosen = [n for n, _ in candidates if matches(n, cfg.targets)]
     if cfg.exclude:
-        chosen = [n for n in chosen if not _matches(n, cfg.exclude)]
+        chosen = [n for n in chosen if not matches(n, cfg.exclude)]
     if cfg.layers is not None:
         chosen = [n for n in chosen if layer_index(n) in cfg.layers]
     if not chosen:

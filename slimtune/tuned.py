@@ -60,8 +60,9 @@ class TunedModel(nn.Module):
     # -- calling -----------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """Call the base model; `adapter_names` gives one adapter name (or None: base) per row."""
-        with self._routing(adapter_names):
-            inputs = self._live_inputs(adapter_names)
+        with self._routing(adapter_names), self._input_methods(adapter_names) as inputs:
+            if inputs and args:
+                kwargs["input_ids"], args = args[0], args[1:]
             for adapter, rows in inputs:
                 kwargs = adapter.prepare(kwargs, rows)
             out = self.model(*args, **kwargs)
@@ -70,17 +71,24 @@ class TunedModel(nn.Module):
             return out
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
-        with self._routing(adapter_names):
-            inputs = self._live_inputs(adapter_names)
-            if args:
-                if inputs:
-                    kwargs["input_ids"], args = args[0], args[1:]
+        with self._routing(adapter_names), self._input_methods(adapter_names) as inputs:
+            if inputs and args:
+                kwargs["input_ids"], args = args[0], args[1:]
             for adapter, rows in inputs:
                 kwargs = adapter.prepare_generate(kwargs, rows)
             out = self.model.generate(*args, **kwargs)
             for adapter, _ in reversed(inputs):
                 out = adapter.finish_generate(out)
             return out
+
+    @contextlib.contextmanager
+    def _input_methods(self, adapter_names: list[str | None] | None) -> Iterator[list]:
+        inputs = self._live_inputs(adapter_names)
+        try:
+            yield inputs
+        finally:
+            for adapter, _ in inputs:
+                adapter.end_call()
 
     def _live_inputs(self, adapter_names: list[str | None] | None) -> list[tuple[nn.Module, Tensor | None]]:
         """(input adapter, rows it applies to or None for all) in active order."""
@@ -222,7 +230,8 @@ class TunedModel(nn.Module):
             if name in layer.adapters:
                 layer.adapters.pop(name).release(layer.base_layer)
         for saved in self._saved_modules():
-            saved.modules_to_save.pop(name, None)
+            if name in saved.modules_to_save:
+                del saved.modules_to_save[name]
         if name in self.inputs:
             self.inputs.pop(name).detach(self.model)
         if name in self.selections:
@@ -311,12 +320,12 @@ class TunedModel(nn.Module):
     def summary(self, show: bool = True) -> str:
         """Per adapter: method, shape, modules, parameters (and % of the base); prints it by default."""
         base_total = sum(p.numel() for n, p in self.model.named_parameters() if not adapter_files.is_adapter_tensor(n))
-        lines = [f"{'adapter':<12} {'method':<10} {'shape':<9} {'modules':>7} {'params':>12} {'% of base':>9}  active"]
+        lines = [f"{'adapter':<12} {'method':<14} {'shape':<9} {'modules':>7} {'params':>12} {'% of base':>9}  active"]
         for name, cfg in self.configs.items():
             n_params = self.adapter_parameter_count(name)
             n_modules = sum(name in layer.adapters for layer in self._layers()) + sum(
                 name in s.entries for s in self._selected.values())
-            lines.append(f"{name:<12} {cfg.method:<10} {METHODS[cfg.method].shape:<9} {n_modules:>7} {n_params:>12,} "
+            lines.append(f"{name:<12} {cfg.method:<14} {METHODS[cfg.method].shape:<9} {n_modules:>7} {n_params:>12,} "
                          f"{100 * n_params / max(base_total, 1):>8.3f}%  {'yes' if name in self.active else ''}")
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
         lines.append(f"trainable now: {trainable:,} of {base_total + trainable:,} "

@@ -26,6 +26,7 @@ from slimtune.config import MethodConfig, register_config
 
 PEFT_VERSION = "0.21.2"
 PEFT_PREFIX = "base_model.model."  # HF PEFT's prefix of module tensors in adapter_model.safetensors
+PROMPT_PREFIX = "base_model."  # the same for prompt-learning methods (their PeftModel holds the model directly)
 
 
 class LayerAdapter(nn.Module):
@@ -136,6 +137,9 @@ class InputAdapter(nn.Module):
     def finish_generate(self, output: Any) -> Any:
         return output
 
+    def end_call(self) -> None:
+        """Called after every model call, also when it raised: drop any per-call state."""
+
     def export_tensors(self) -> dict[str, Tensor]:
         """Tensors written to disk, keyed as on disk (no module prefix)."""
         return dict(self.state_dict(keep_vars=True))
@@ -191,6 +195,8 @@ class Method:
     paper: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None  # HF PEFT's name, when PEFT has the method
+    #: prefix of module tensors on disk: HF PEFT writes "base_model." for prompt-learning methods
+    module_prefix: ClassVar[str] = PEFT_PREFIX
 
     # -- attaching --------------------------------------------------------------------------------
     def uses_targets(self, cfg: MethodConfig) -> bool:

@@ -1,0 +1,256 @@
+"""Prompt tuning (Lester et al. 2021, arXiv:2104.08691): p trainable virtual tokens before the input.
+
+    X' = [P; E(x)]        P: (p, d) trainable, the base model frozen;  params = p * d
+
+The model is called with p placeholder ids in front of `input_ids` (attention mask 1, labels -100,
+token type 0, positions shifted by p); a hook on the input embedding puts P in place of the
+placeholders' embeddings on the first embedding call of the model call. Keeping real ids lets
+the model do what it does with them (sequence classifiers find the last non-pad token) and lets
+`generate()` count the virtual tokens in its cache positions. Logits of the virtual positions are
+dropped, so outputs line up with `input_ids`. Not mergeable: the prompt costs p extra tokens.
+
+Init: "sample_vocab" (embeddings of p random vocabulary tokens; the default, as the paper
+recommends), "text" (the tokens of `init_text`, repeated or cut to p, as HF PEFT), "random"
+(normal with the vocabulary embeddings' std).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimtune.config import MethodConfig, check_field, config_from_dict
+from slimtune.methods.base import PROMPT_PREFIX, InputAdapter, Method, PeftContext, register
+
+_PEFT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    """Prompt tuning.
+
+    Args:
+        num_virtual_tokens: p, the number of virtual tokens (the paper uses 20-100).
+        init: "sample_vocab" | "text" | "random".
+        init_text: the text whose tokens initialise the prompt (init="text").
+        tokenizer: a local tokenizer folder or hub name (already cached) to tokenize `init_text`.
+    """
+
+    aliases = {**MethodConfig.aliases, "prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text",
+               "tokenizer_name_or_path": "tokenizer"}
+
+    num_virtual_tokens: int = 20
+    init: str = "sample_vocab"
+    init_text: str | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("targets", "exclude", "layers"):
+            check_field(getattr(self, name) is None, self, name, "None: prompt tuning wraps no module")
+        n = self.num_virtual_tokens
+        check_field(isinstance(n, int) and not isinstance(n, bool) and n >= 1, self, "num_virtual_tokens",
+                    "an int >= 1, e.g. 20")
+        check_field(self.init in _PEFT_INITS, self, "init", "'sample_vocab', 'text' or 'random'")
+        if self.init == "text":
+            check_field(isinstance(self.init_text, str) and self.init_text.strip() != "", self, "init_text",
+                        "a non-empty string when init='text'")
+            check_field(isinstance(self.tokenizer, str), self, "tokenizer",
+                        "a tokenizer path when init='text' (the tokenizer of the base model)")
+
+
+class SoftPrompt(InputAdapter):
+    """p virtual token embeddings put in front of every row."""
+
+    def __init__(self, model: nn.Module, cfg: PromptTuningConfig, init: bool = True) -> None:
+        super().__init__()
+        words = _input_embeddings(model)
+        dtype = words.weight.dtype if words.weight.dtype.is_floating_point else torch.float32
+        self.p = cfg.num_virtual_tokens
+        self.embedding = nn.Parameter(torch.zeros(self.p, words.embedding_dim, dtype=dtype, device=words.weight.device))
+        self._placeholder = _placeholder_id(model)
+        self._pending = False  # the next input-embedding call of this model call takes the prompt
+        self._placeholders_in_output = False
+        self._handle = None
+        if init:
+            with torch.no_grad():
+                self.embedding.copy_(_initial_prompt(words, cfg))
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        self._handle = _input_embeddings(model).register_forward_hook(self._put_prompt)
+
+    def detach(self, model: nn.Module) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _put_prompt(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if not self._pending or output.dim() != 3 or output.shape[1] < self.p:
+            return output
+        self._pending = False
+        prompt = self.embedding.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
+        return torch.cat([prompt, output[:, self.p:]], dim=1)
+
+    def end_call(self) -> None:
+        self._pending = False
+
+    # -- the model call ---------------------------------------------------------------------------
+    def prepare(self, kwargs: dict[str, Any], rows: Tensor | None) -> dict[str, Any]:
+        if rows is not None:
+            raise NotImplementedError("prompt tuning with adapter_names (one adapter per row) is not implemented; "
+                                      "call the rows of each prompt adapter separately")
+        kwargs = dict(kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None:
+            prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+            ref = embeds[..., 0]
+        else:
+            ids = kwargs.get("input_ids")
+            if ids is None:
+                raise ValueError("prompt tuning needs input_ids or inputs_embeds as keyword arguments")
+            kwargs["input_ids"] = self._extend(ids, self._placeholder)
+            ref = ids
+            self._pending = True
+        self._placeholders_in_output = embeds is None
+        batch, n = ref.shape[0], ref.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, n, dtype=torch.long, device=ref.device)
+        kwargs["attention_mask"] = self._extend(mask, 1)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = self._extend(kwargs["token_type_ids"], 0)
+        if kwargs.get("position_ids") is not None:
+            pos = kwargs["position_ids"]
+            head = torch.arange(self.p, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], -1)
+            kwargs["position_ids"] = torch.cat([head, pos + self.p], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == n:
+            kwargs["labels"] = self._extend(labels, -100)
+        return kwargs
+
+    def finish(self, output: Any, kwargs: dict[str, Any]) -> Any:
+        self._pending = False
+        logits = getattr(output, "logits", None)
+        mask = kwargs.get("attention_mask")
+        if logits is not None and logits.dim() == 3 and mask is not None and logits.shape[1] == mask.shape[1]:
+            output.logits = logits[:, self.p:]  # logits line up with the caller's input_ids
+        return output
+
+    def prepare_generate(self, kwargs: dict[str, Any], rows: Tensor | None) -> dict[str, Any]:
+        if kwargs.get("attention_mask") is None and kwargs.get("input_ids") is not None:
+            pad = kwargs.get("pad_token_id")
+            ids = kwargs["input_ids"]
+            kwargs["attention_mask"] = (ids != pad).long() if pad is not None else torch.ones_like(ids)
+        return self.prepare(kwargs, rows)
+
+    def finish_generate(self, output: Any) -> Any:
+        self._pending = False
+        if not self._placeholders_in_output:  # generate(inputs_embeds=...) returns new tokens only
+            return output
+        if isinstance(output, Tensor):
+            return output[:, self.p:]
+        if getattr(output, "sequences", None) is not None:
+            output.sequences = output.sequences[:, self.p:]
+        return output
+
+    def _extend(self, t: Tensor, value: int) -> Tensor:
+        head = torch.full((t.shape[0], self.p), value, dtype=t.dtype, device=t.device)
+        return torch.cat([head, t], dim=1)
+
+
+def _input_embeddings(model: nn.Module) -> nn.Embedding:
+    get = getattr(model, "get_input_embeddings", None)
+    words = get() if callable(get) else None
+    if not isinstance(words, nn.Embedding):
+        raise NotImplementedError(f"prompt tuning needs a model with get_input_embeddings() returning an "
+                                  f"nn.Embedding; {type(model).__name__} has {type(words).__name__}")
+    return words
+
+
+def _placeholder_id(model: nn.Module) -> int:
+    """A token id for the virtual positions: anything but the pad id (its embedding is replaced)."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return 1 if pad == 0 else 0
+
+
+@torch.no_grad()
+def _initial_prompt(words: nn.Embedding, cfg: PromptTuningConfig) -> Tensor:
+    p, W = cfg.num_virtual_tokens, words.weight
+    if cfg.init == "random":
+        return torch.randn(p, W.shape[1], device=W.device, dtype=torch.float32).mul_(W.float().std()).to(W.dtype)
+    if cfg.init == "sample_vocab":
+        ids = torch.randint(0, W.shape[0], (p,), device=W.device)
+    else:
+        ids = torch.tensor(_text_ids(cfg), device=W.device)
+    return words(ids).detach().clone()
+
+
+def _text_ids(cfg: PromptTuningConfig) -> list[int]:
+    """The tokens of `init_text`, repeated or cut to p (as HF PEFT's TEXT init)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    ids = tokenizer(cfg.init_text)["input_ids"]
+    if not ids:
+        raise ValueError(f"init_text={cfg.init_text!r} tokenizes to no tokens")
+    p = cfg.num_virtual_tokens
+    return (ids * math.ceil(p / len(ids)))[:p]
+
+
+@register
+class PromptTuningMethod(Method):
+    name, config, shape = "prompt_tuning", PromptTuningConfig, "input"
+    category, params, paper = "additive", "num_virtual_tokens*d_model", "arXiv:2104.08691"
+    mergeable, peft_type = False, "PROMPT_TUNING"
+    module_prefix = PROMPT_PREFIX
+
+    def build_input(self, model: nn.Module, cfg: PromptTuningConfig, init: bool = True) -> SoftPrompt:
+        return SoftPrompt(model, cfg, init)
+
+    def input_peft_keys(self) -> dict[str, str]:
+        return {"embedding": "prompt_embeddings"}
+
+    def to_peft(self, cfg: PromptTuningConfig, ctx: PeftContext) -> dict[str, Any]:
+        text = _text_config(ctx.model)
+        return {
+            **ctx.common("PROMPT_TUNING"),
+            "num_virtual_tokens": cfg.num_virtual_tokens,
+            "token_dim": _input_embeddings(ctx.model).embedding_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": _first(text, "num_attention_heads", "n_head"),
+            "num_layers": _first(text, "num_hidden_layers", "n_layer"),
+            "modules_to_save": ctx.modules_to_save,
+            "prompt_tuning_init": _PEFT_INITS[cfg.init],
+            "prompt_tuning_init_text": cfg.init_text,
+            "tokenizer_name_or_path": cfg.tokenizer,
+            "tokenizer_kwargs": None,
+        }
+
+    def from_peft(self, data: dict[str, Any]) -> PromptTuningConfig:
+        if (data.get("num_transformer_submodules") or 1) != 1:
+            raise NotImplementedError("prompt tuning of encoder-decoder models (num_transformer_submodules=2) "
+                                      "is not implemented")
+        init = {v: k for k, v in _PEFT_INITS.items()}.get(str(data.get("prompt_tuning_init", "RANDOM")), "random")
+        return config_from_dict({"method": "prompt_tuning", "num_virtual_tokens": int(data["num_virtual_tokens"]),
+                                 "init": "random" if init == "text" else init,
+                                 "modules_to_save": data.get("modules_to_save")})
+
+
+def _text_config(model: nn.Module | None) -> Any:
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _first(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
