@@ -135,7 +135,7 @@ def sizes(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_2d(module: nn.Module) -> Tensor:
-    """The dense weight flattened to (d_out, d_in * kernel): the matrix init schemes (PiSSA) factor."""
+    """The dense weight flattened to (d_out, d_in * kernel): what SVD-based inits factor."""
     W = kind_of(module).weight(module)
     return W.reshape(W.shape[0], -1)
 

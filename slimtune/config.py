@@ -94,7 +94,7 @@ def config_class(name: str) -> type[MethodConfig]:
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     """Build a method config from a dict with a `method` key; unknown keys are errors."""
     if not isinstance(data, dict) or "method" not in data:
-        raise ConfigError(f"config {data!r}: expected a mapping with a 'method' key, e.g. {{'method': 'lora'}}")
+        raise ConfigError(f"config {data!r}: expected a mapping with a 'method' key, e.g. {{'method': 'NAME'}}")
     data = dict(data)
     cls = config_class(data.pop("method"))
     names = [f.name for f in dataclasses.fields(cls)]

@@ -3,7 +3,7 @@
 The layer composes the active adapters in order (`out = a_k(x, ... a_1(x, base(x)))`, a sum of
 deltas for additive methods), skips merged ones, and routes mixed batches: with
 `state.routing = [name or None per row]`, row i sees only its own adapter. Adapters whose
-`route_key` agree (LoRA of one rank and dtype) run as one gathered bmm; others run row group
+`route_key` agree (same kind, rank and dtype, say) run as one batched op; others run row group
 by row group.
 """
 

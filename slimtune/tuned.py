@@ -127,7 +127,7 @@ class TunedModel(nn.Module):
         Every module is built before any is installed, so a failure leaves the model as it was.
 
         Args:
-            init: run data-dependent init (PiSSA/OLoRA, prompt init from vocabulary); `st.load` passes False.
+            init: run the method's data-dependent init (SVD of the base, sampled vocabulary...); `st.load` passes False.
         Raises:
             AdapterNameError: the name is taken or not an identifier.
             TargetNotFoundError: the config's targets match no module.
@@ -144,7 +144,7 @@ class TunedModel(nn.Module):
         targets = find_targets(self.model, config, skip=set(saved)) if info.method.uses_targets(config) else []
         layers = {t: self._build_layer(info, t, config, init) for t in targets}
         input_adapter = info.method.build_input(self.model, config, init)
-        selections = self._build_selections(info, config, targets)
+        selections = self._build_selections(info, config, targets, init)
         # nothing above changed the model; install everything
         for target, adapter in layers.items():
             layer = self._wrap(target)
@@ -175,12 +175,12 @@ class TunedModel(nn.Module):
             raise ConfigError(f"{type(config).__name__} cannot be built on {target} ({type(base).__name__}, "
                               f"d_in={d_in}, d_out={d_out}): {e}") from e
 
-    def _build_selections(self, info: MethodInfo, config: MethodConfig,
-                          targets: list[str]) -> list[tuple[str, nn.Module, str, TunedEntries]]:
+    def _build_selections(self, info: MethodInfo, config: MethodConfig, targets: list[str],
+                          init: bool) -> list[tuple[str, nn.Module, str, TunedEntries]]:
         base_names = {adapter_files.canonical(n): n for n, _ in self.model.named_parameters()
                       if not adapter_files.is_adapter_tensor(n)}
         out = []
-        for sel in info.method.select(self.model, config, targets):
+        for sel in info.method.select(self.model, config, targets, init):
             if not isinstance(sel, Selection):
                 raise TypeError(f"{info.name}.select() must return Selection objects, got {type(sel).__name__}")
             full = base_names.get(adapter_files.canonical(sel.name))
@@ -188,7 +188,9 @@ class TunedModel(nn.Module):
                 raise ConfigError(f"{type(config).__name__}: no base tensor named {sel.name!r}."
                                   + did_you_mean(sel.name, base_names))
             owner, attr = owner_and_attr(self.model, full)
-            entries = TunedEntries(owner._parameters[attr], sel.mask)
+            original = owner._parameters[attr]
+            mask = torch.zeros_like(original, dtype=torch.bool) if sel.sparse and sel.mask is None else sel.mask
+            entries = TunedEntries(original, mask)
             out.append((adapter_files.canonical(sel.name), owner, attr, entries))
         return out
 

@@ -27,6 +27,8 @@ def test_methods_lists_registered_methods(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "lora" in out and "dora" in out and "arXiv:2402.09353" in out
+    shapes = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line.strip()}
+    assert shapes["lora"] == "layer" and shapes["prompt_tuning"] == "input" and shapes["bitfit"] == "selective"
 
 
 def test_inspect_reports_method_params_and_fingerprint(saved, capsys):

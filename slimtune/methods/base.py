@@ -147,11 +147,15 @@ class InputAdapter(nn.Module):
 
 @dataclass
 class Selection:
-    """A base tensor a selective method trains: `name` as in `model.named_parameters()`, and an
-    optional bool `mask` of the entries that train (None: the whole tensor)."""
+    """A base tensor a selective method trains: `name` (a base parameter name, wrappers ignored),
+    and an optional bool `mask` of the entries that train (None: the whole tensor).
+
+    `sparse=True` without a mask: a sparse selection whose entries come from a file (loading).
+    """
 
     name: str
     mask: Tensor | None = None
+    sparse: bool = False
 
 
 @dataclass
@@ -210,8 +214,9 @@ class Method:
     def build_input(self, model: nn.Module, cfg: MethodConfig, init: bool = True) -> InputAdapter | None:
         return None
 
-    def select(self, model: nn.Module, cfg: MethodConfig, targets: list[str]) -> list[Selection]:
-        """Base tensors to train. `targets`: the modules wrapped for this adapter (layer shape)."""
+    def select(self, model: nn.Module, cfg: MethodConfig, targets: list[str], init: bool = True) -> list[Selection]:
+        """Base tensors to train. `targets`: the modules wrapped for this adapter (layer shape).
+        `init=False` when loading: data-dependent masks then come from the file (`sparse=True`)."""
         return []
 
     # -- files --------------------------------------------------------------------------------------

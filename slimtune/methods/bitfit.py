@@ -35,7 +35,7 @@ class BitFitMethod(Method):
     category, params, paper = "selective", "sum of the chosen biases' sizes", "arXiv:2106.10199"
     mergeable = True
 
-    def select(self, model: nn.Module, cfg: BitFitConfig, targets: list[str]) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: BitFitConfig, targets: list[str], init: bool = True) -> list[Selection]:
         owners = [n.removesuffix(".bias") for n, _ in base_parameters(model) if n.endswith(".bias")]
         chosen = [o for o in owners if cfg.targets is None or matches(o, cfg.targets)]
         if cfg.exclude:

@@ -411,7 +411,7 @@ class LoraMethod(Method):
             return LoraConv(base, cfg, init)
         return Lora(base, cfg, init)
 
-    def select(self, model: nn.Module, cfg: LoraConfig, targets: list[str]) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: LoraConfig, targets: list[str], init: bool = True) -> list[Selection]:
         """The `bias` option: biases of the wrapped modules ("lora_only") or of the whole model ("all")."""
         if cfg.bias == "none":
             return []
