@@ -23,7 +23,7 @@ from slimtune.config import MethodConfig, config_from_dict
 from slimtune.errors import AdapterLoadError, ConfigError, did_you_mean
 from slimtune.io import read_adapter_dir, write_adapter_dir
 from slimtune.layer import base_name, is_adapter_tensor
-from slimtune.methods.base import METHODS, PEFT_PREFIX, PROMPT_PREFIX, PeftContext, method_for_peft_type
+from slimtune.methods.base import METHODS, PEFT_PREFIX, PEFT_SHORT_PREFIX, PeftContext, method_for_peft_type
 from slimtune.selection import TunedEntries
 
 
@@ -38,7 +38,7 @@ class Slot:
 
 def canonical(key: str) -> str:
     """A key with the PEFT prefix and slimtune/PEFT wrapper levels removed."""
-    for prefix in (PEFT_PREFIX, PROMPT_PREFIX):
+    for prefix in (PEFT_PREFIX, PEFT_SHORT_PREFIX):
         if key.startswith(prefix):
             return base_name(key[len(prefix):])
     return base_name(key)

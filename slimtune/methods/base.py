@@ -26,7 +26,7 @@ from slimtune.config import MethodConfig, register_config
 
 PEFT_VERSION = "0.21.2"
 PEFT_PREFIX = "base_model.model."  # HF PEFT's prefix of module tensors in adapter_model.safetensors
-PROMPT_PREFIX = "base_model."  # the same for prompt-learning methods (their PeftModel holds the model directly)
+PEFT_SHORT_PREFIX = "base_model."  # the same for prompt-learning methods (their PeftModel holds the model directly)
 
 
 class LayerAdapter(nn.Module):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.methods.base import PROMPT_PREFIX, InputAdapter, Method, PeftContext, register
+from slimtune.methods.base import PEFT_SHORT_PREFIX, InputAdapter, Method, PeftContext, register
 
 _PEFT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
@@ -208,7 +208,7 @@ class PromptTuningMethod(Method):
     name, config, shape = "prompt_tuning", PromptTuningConfig, "input"
     category, params, paper = "additive", "num_virtual_tokens*d_model", "arXiv:2104.08691"
     mergeable, peft_type = False, "PROMPT_TUNING"
-    module_prefix = PROMPT_PREFIX
+    module_prefix = PEFT_SHORT_PREFIX
 
     def build_input(self, model: nn.Module, cfg: PromptTuningConfig, init: bool = True) -> SoftPrompt:
         return SoftPrompt(model, cfg, init)
