@@ -23,6 +23,7 @@ test: $(BIN)/slimtune
 
 bench: $(BIN)/slimtune
 	HF_HUB_OFFLINE=1 $(BIN)/slimtune bench lora
+	HF_HUB_OFFLINE=1 $(BIN)/slimtune bench methods
 
 lint: $(BIN)/slimtune
 	$(BIN)/ruff check slimtune tests bench

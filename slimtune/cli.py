@@ -101,11 +101,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from slimtune.bench import lora as bench_lora
+    import importlib
 
-    if args.suite != "lora":
-        raise SlimtuneError(f"bench suite {args.suite!r}: expected 'lora'")
-    bench_lora.main(quick=args.quick, out=args.out, repeats=args.repeats)
+    suite = importlib.import_module(f"slimtune.bench.{args.suite}")
+    suite.main(quick=args.quick, out=args.out or f"bench/results/{args.suite}.json", repeats=args.repeats)
     return 0
 
 
@@ -139,10 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("bench", help="speed and memory ratios vs the frozen base and HF PEFT")
-    p.add_argument("suite", choices=["lora"])
+    p.add_argument("suite", choices=["lora", "methods"], help="lora: the LoRA family in depth; methods: one row "
+                   "per method exemplar (LoRA, (IA)3, prompt tuning, BitFit)")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", default="bench/results/lora.json")
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/SUITE.json)")
     p.set_defaults(func=_cmd_bench)
 
     try:

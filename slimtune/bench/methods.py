@@ -1,0 +1,90 @@
+"""`slimtune bench methods`: one row per method shape's exemplar, slimtune and HF PEFT in one run.
+
+Same model and protocol as `slimtune bench lora` (Llama from config, fp32, interleaved rounds,
+medians): train-step time over the frozen floor, trainable parameters, and HF PEFT's implementation
+of the same method in the same run where PEFT has one. LoRA q,v is repeated as the reference row.
+Results go to bench/results/methods.json. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, timed_rounds, train_step
+
+IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+VIRTUAL_TOKENS = 20
+
+
+def ours(method: str, shape: dict):
+    import slimtune as st
+
+    configs = {
+        "lora_qv": lambda: st.LoraConfig(r=16, alpha=32, targets=QV),
+        "ia3": lambda: st.IA3Config(targets=IA3_TARGETS, feedforward=IA3_FF),
+        "prompt_tuning": lambda: st.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS),
+        "bitfit": lambda: st.BitFitConfig(),
+    }
+    base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
+    return st.attach(base, configs[method]())
+
+
+def theirs(method: str, shape: dict):
+    import peft
+
+    configs = {
+        "lora_qv": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=QV),
+        "ia3": lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF),
+        "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
+    }
+    return peft.get_peft_model(base_model(shape), configs[method]())
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: int | None = None) -> dict:
+    torch.set_num_threads(int(os.environ.get("SLIMTUNE_BENCH_THREADS", "2")))
+    shape = QUICK_SHAPE if quick else SHAPE
+    rounds = repeats or (3 if quick else 11)
+    batch = (2, 32) if quick else (4, 256)
+    print(f"bench methods: shape {shape}, batch {batch}, {rounds} interleaved rounds, {torch.get_num_threads()} threads")
+    ids = torch.randint(0, shape["vocab_size"], batch)
+    cases: dict[str, Callable[[], None]] = {"floor": floor_step(base_model(shape), ids)}
+    params: dict[str, int] = {}
+    for method in ("lora_qv", "ia3", "prompt_tuning", "bitfit"):
+        model = ours(method, shape)
+        params[f"ours_{method}"] = trainable(model)
+        cases[f"ours_{method}"] = train_step(model, ids)
+        if method != "bitfit":  # HF PEFT has no BitFit
+            model = theirs(method, shape)
+            params[f"peft_{method}"] = trainable(model)
+            cases[f"peft_{method}"] = train_step(model, ids)
+    seconds = timed_rounds(cases, rounds)
+    result = {
+        "model": {"arch": "llama", **shape, "dtype": "float32"},
+        "batch": batch,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "median_seconds": seconds,
+        "trainable_params": params,
+        "ratios": {f"train_{k}_vs_floor": v / seconds["floor"] for k, v in seconds.items() if k != "floor"},
+        "notes": {"bitfit": "base built with attention and MLP biases (Llama has none by default)",
+                  "prompt_tuning": f"{VIRTUAL_TOKENS} virtual tokens: each step runs {batch[1] + VIRTUAL_TOKENS} "
+                                   f"positions instead of {batch[1]}"},
+    }
+    from slimtune.io import atomic_write_bytes
+
+    atomic_write_bytes(Path(out), (json.dumps(result, indent=2) + "\n").encode())
+    print(f"\n{'case':<24} {'params':>10} {'step / floor':>13}")
+    for key, ratio in result["ratios"].items():
+        case = key.removeprefix("train_").removesuffix("_vs_floor")
+        print(f"{case:<24} {params[case]:>10,} {ratio:>13.3f}")
+    return result
