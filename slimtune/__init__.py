@@ -14,6 +14,7 @@ from slimtune.errors import (  # noqa: E402
 )
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
+from slimtune.methods.ia3 import IA3Config  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
@@ -26,6 +27,7 @@ __all__ = [
     "BitFitConfig",
     "ConfigError",
     "DoraConfig",
+    "IA3Config",
     "LoraConfig",
     "MethodConfig",
     "PromptTuningConfig",

@@ -52,6 +52,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.merged: list[str] = []
+        self._released: list[str] = []  # idle base-changing adapters given back to the base while merged
         self._state = state
         self._stack_cache: dict[tuple, tuple] = {}
 
@@ -62,7 +63,8 @@ class AdapterLayer(nn.Module):
         if state.routing is not None and not state.disabled:
             return self._routed(x, state.routing, args, kwargs)
         live = [] if state.disabled else [n for n in state.active if n in self.adapters and n not in self.merged]
-        idle = [a for n, a in self.adapters.items() if a.changes_base and n not in live and n not in self.merged]
+        idle = [a for n, a in self.adapters.items()
+                if a.changes_base and n not in live and n not in self.merged and n not in self._released]
         if len(live) == 1 and not idle and not args and not kwargs:
             out = self.adapters[live[0]].fused_forward(x, self.base_layer)  # base + adapter in one node
             if out is not None:
@@ -85,6 +87,10 @@ class AdapterLayer(nn.Module):
         scale the input of the base and of every other adapter alike."""
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         todo.sort(key=lambda n: self.adapters[n].transforms_input)
+        for name, adapter in self.adapters.items():  # an idle residual init: give the base back first, so
+            if todo and adapter.changes_base and name not in todo and name not in self.merged + self._released:
+                adapter.release(self.base_layer)  # merged weights scale the original base, not the residual
+                self._released.append(name)
         for name in todo:
             self.adapters[name].prepare_merge(self.base_layer)
         for name in todo:
@@ -95,6 +101,15 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged:
             self.adapters[self.merged.pop()].unmerge(self.base_layer)
+        while self._released:
+            self.adapters[self._released.pop()].install(self.base_layer)
+
+    @torch.no_grad()
+    def release_unmerged(self) -> None:
+        """Give the base back what unmerged adapters' inits took (before removing this wrapper)."""
+        for name, adapter in self.adapters.items():
+            if name not in self.merged and name not in self._released:
+                adapter.release(self.base_layer)
 
     # -- mixed batches -------------------------------------------------------------------
     def _routed(self, x: Tensor, routing: list[str | None], args: tuple, kwargs: dict) -> Tensor:

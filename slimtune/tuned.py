@@ -272,10 +272,10 @@ class TunedModel(nn.Module):
             if not info.mergeable:
                 raise NotImplementedError(f"adapter {name!r} ({info.name}) cannot be merged: a {info.shape} method "
                                           "that changes what the model computes, not its weights")
+        for selected in self._selected.values():  # first: layer merges (a scaled bias) build on them
+            selected.merge(self._state.active)
         for layer in self._layers():
             layer.merge(self._state.active)
-        for selected in self._selected.values():
-            selected.merge(self._state.active)
         return self
 
     def unmerge(self) -> TunedModel:
@@ -294,9 +294,7 @@ class TunedModel(nn.Module):
         """
         self.merge() if merge else self.unmerge()
         for name, layer in list(self._layers(named=True)):
-            for adapter_name, adapter in layer.adapters.items():
-                if adapter_name not in layer.merged:
-                    adapter.release(layer.base_layer)
+            layer.release_unmerged()
             self._replace(name, layer.base_layer)
         for name, saved in list(self._saved_modules(named=True)):
             self._replace(name, saved.current() if merge else saved.original_module)

@@ -277,3 +277,33 @@ def test_saving_onto_an_existing_file_is_a_slimtune_error(tmp_path):
         model.save(tmp_path / "taken" / "inside")
     assert (tmp_path / "taken").read_text() == "not a folder"
 
+
+
+def test_merging_beside_an_idle_residual_init_keeps_outputs(ids):
+    """(IA)3 scales the base weight when merged; an idle PiSSA adapter on the same layer first gives
+    the base back its principal part, so the scaled weight is the original one."""
+    model = st.attach(tiny_llama(), st.LoraConfig(r=4, init="pissa", targets=["v_proj"]), name="pissa")
+    model.add(st.IA3Config(targets=["v_proj", "down_proj"], feedforward=["down_proj"]), name="ia3")
+    randomize(model)
+    model.use("ia3")
+    unmerged = output(model, ids)
+    model.merge()
+    torch.testing.assert_close(output(model, ids), unmerged, atol=1e-5, rtol=1e-4)
+    model.unmerge()
+    torch.testing.assert_close(output(model, ids), unmerged, atol=1e-5, rtol=1e-4)
+    model.merge()
+    plain = model.detach(merge=True)
+    torch.testing.assert_close(output(plain, ids), unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_selected_bias_and_output_scaling_on_one_layer_merge_equals_unmerged(ids):
+    model = st.attach(tiny_gpt2(), st.BitFitConfig(), name="bitfit")
+    model.add(st.IA3Config(targets=["c_attn"]), name="ia3")
+    randomize(model)
+    with torch.no_grad():
+        for entries in model.selections["bitfit"].values():
+            entries.values.add_(0.1)
+    model.use(["bitfit", "ia3"])
+    unmerged = output(model, ids)
+    model.merge()
+    torch.testing.assert_close(output(model, ids), unmerged, atol=1e-5, rtol=1e-4)

@@ -152,3 +152,14 @@ def test_several_adapters_save_and_load_together(tmp_path, ids):
     loaded = st.load(tiny_llama(), tmp_path, name="one")
     assert sorted(loaded.configs) == ["one", "two"]
     torch.testing.assert_close(output(loaded, ids, adapter_names=["one", "two", None]), expected, atol=0, rtol=0)
+
+
+def test_peft_export_of_a_classifier_without_its_head_loads_in_peft(ids, tmp_path):
+    """PEFT's SEQ_CLS models expect the head's tensors; a headless export carries no task type instead."""
+    model = st.attach(tiny_bert(), st.LoraConfig(r=4, targets=["query"]))
+    randomize(model)
+    ours = output(model, ids)
+    model.save(tmp_path, format="peft")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None
+    pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    torch.testing.assert_close(output(pm, ids), ours, atol=1e-5, rtol=1e-5)

@@ -54,7 +54,7 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     shape = QUICK_SHAPE if quick else SHAPE
     rounds = repeats or (3 if quick else 11)
     batch = (2, 32) if quick else (4, 256)
-    print(f"bench methods: shape {shape}, batch {batch}, {rounds} interleaved rounds, {torch.get_num_threads()} threads")
+    print(f"bench methods: shape {shape}, batch {batch}, {rounds} rounds, {torch.get_num_threads()} threads")
     ids = torch.randint(0, shape["vocab_size"], batch)
     cases: dict[str, Callable[[], None]] = {"floor": floor_step(base_model(shape), ids)}
     params: dict[str, int] = {}

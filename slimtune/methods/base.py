@@ -177,10 +177,15 @@ class PeftContext:
         return sorted({t.split(".")[-1] for t in subset})
 
     def common(self, peft_type: str) -> dict[str, Any]:
-        """The fields every HF PEFT adapter_config.json carries."""
+        """The fields every HF PEFT adapter_config.json carries.
+
+        A classifier exported without its head in `modules_to_save` gets no task type: PEFT's
+        SEQ_CLS / TOKEN_CLS models add the head to the saved modules and then expect its tensors.
+        """
+        headless = self.task_type in ("SEQ_CLS", "TOKEN_CLS") and not self.modules_to_save
         return {
             "peft_type": peft_type,
-            "task_type": self.task_type,
+            "task_type": None if headless else self.task_type,
             "base_model_name_or_path": self.base_model_name_or_path,
             "revision": None,
             "inference_mode": True,

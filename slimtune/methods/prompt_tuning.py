@@ -217,6 +217,11 @@ class PromptTuningMethod(Method):
         return {"embedding": "prompt_embeddings"}
 
     def to_peft(self, cfg: PromptTuningConfig, ctx: PeftContext) -> dict[str, Any]:
+        if ctx.task_type is None or (ctx.task_type in ("SEQ_CLS", "TOKEN_CLS") and not ctx.modules_to_save):
+            raise NotImplementedError(
+                f"format='peft' for prompt tuning of a {type(ctx.model).__name__}: HF PEFT applies prompts only "
+                "for a known task type, and for classifiers expects the head in modules_to_save "
+                "(e.g. modules_to_save=['classifier'])")
         text = _text_config(ctx.model)
         return {
             **ctx.common("PROMPT_TUNING"),
