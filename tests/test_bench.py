@@ -1,0 +1,19 @@
+"""`slimtune bench methods --quick` runs and writes a row per exemplar (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from slimtune.cli import main
+
+
+def test_bench_methods_quick_writes_rows_with_matching_parameter_counts(tmp_path):
+    out = tmp_path / "methods.json"
+    assert main(["bench", "methods", "--quick", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    params, ratios = result["trainable_params"], result["ratios"]
+    for method in ("lora_qv", "ia3", "prompt_tuning"):  # the same method has the same size in both libraries
+        assert params[f"ours_{method}"] == params[f"peft_{method}"] > 0
+    assert params["ours_bitfit"] > 0 and "peft_bitfit" not in params
+    assert set(ratios) == {f"train_{case}_vs_floor" for case in params}
+    assert all(r > 0 for r in ratios.values())
