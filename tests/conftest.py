@@ -57,3 +57,17 @@ def randomize(model, scale: float = 0.1, seed: int = 1) -> None:
         for name, p in model.named_parameters():
             if ".adapters." in name and not name.endswith(".m"):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def fit(model, data: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """Causal-LM losses of `steps` AdamW steps on one fixed batch (labels = inputs)."""
+    model.train()
+    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=data, labels=data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

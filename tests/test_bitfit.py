@@ -12,7 +12,7 @@ from slimtune.config import _CONFIG_CLASSES, MethodConfig
 from slimtune.errors import TargetNotFoundError
 from slimtune.io import WEIGHTS_NAME, read_safetensors
 from slimtune.methods.base import METHODS, Method, Selection, register
-from tests.conftest import VOCAB, output, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import VOCAB, fit, output, tiny_bert, tiny_gpt2, tiny_llama
 
 BIASED = {"gpt2": tiny_gpt2, "bert": tiny_bert}
 
@@ -219,13 +219,5 @@ def test_trains_and_lowers_the_loss():
     torch.manual_seed(0)
     model = st.attach(tiny_gpt2(), st.BitFitConfig())
     data = torch.randint(0, VOCAB, (4, 12))
-    model.train()
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=3e-2)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit(model, data, steps=30, lr=3e-2)
     assert losses[-1] < losses[0] - 0.15, losses[::5]  # biases alone move a frozen random model a little

@@ -12,7 +12,7 @@ import slimtune as st
 from slimtune.bases import sizes as features
 from slimtune.layer import AdapterLayer, SavedModule
 from slimtune.methods.ia3 import IA3Config
-from tests.conftest import MODELS, output, randomize, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import MODELS, fit, output, randomize, tiny_bert, tiny_gpt2, tiny_llama
 
 TOL = 1e-5  # fp32, logits ~ O(1): merged vs unmerged, PEFT vs ours (absolute)
 W_TOL = 1e-6  # unmerge: weights and biases divided back by the merged scales
@@ -236,16 +236,8 @@ def test_mixed_batch_rows_equal_each_adapter_alone(arch, ids):
 
 def test_training_lowers_the_loss():
     model = st.attach(tiny_llama(), IA3Config(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]))
-    model.train()
     data = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=3e-2)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit(model, data, steps=30, lr=3e-2)
     assert losses[-1] < losses[0] - 0.05, losses[::5]
 
 

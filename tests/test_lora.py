@@ -9,7 +9,7 @@ import slimtune as st
 from slimtune.bases import sizes as features
 from slimtune.layer import AdapterLayer, SavedModule
 from slimtune.methods import METHODS
-from tests.conftest import MODELS, output, randomize, tiny_gpt2, tiny_llama
+from tests.conftest import MODELS, fit, output, randomize, tiny_gpt2, tiny_llama
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
 VARIANTS = {
@@ -192,16 +192,8 @@ def test_training_50_steps_lowers_loss():
     torch.manual_seed(0)
     base = tiny_llama()
     model = st.attach(base, st.LoraConfig(r=8, alpha=16, targets="all-linear"))
-    model.train()
     data = torch.randint(0, 1000, (4, 16))
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
-    losses = []
-    for _ in range(50):
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit(model, data, steps=50, lr=1e-2)
     assert losses[-1] < losses[0] - 1.0, losses[::10]  # at least one nat lower
 
 

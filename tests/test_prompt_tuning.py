@@ -7,7 +7,7 @@ import torch
 
 import slimtune as st
 from slimtune.errors import ConfigError
-from tests.conftest import MODELS, VOCAB, output, tiny_gpt2, tiny_llama
+from tests.conftest import MODELS, VOCAB, fit, output, tiny_gpt2, tiny_llama
 
 P = 4
 DECODERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -142,16 +142,8 @@ def test_config_errors_name_the_value(bad, match):
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     model = attach(tiny_llama)
-    model.train()
     data = torch.randint(0, VOCAB, (1, 12)).repeat(4, 1)  # one sequence the prompt can make likely
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=0.1)
-    losses = []
-    for _ in range(40):
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit(model, data, steps=40, lr=0.1)
     assert losses[-1] < losses[0] - 0.15, losses[::5]  # a frozen random base limits how far a prompt moves it
 
 
