@@ -270,8 +270,8 @@ class TunedModel(nn.Module):
         for name in self._state.active:
             info = METHODS[self.configs[name].method]
             if not info.mergeable:
-                raise NotImplementedError(f"adapter {name!r} ({info.name}) cannot be merged: a {info.shape} method "
-                                          "that changes what the model computes, not its weights")
+                raise NotImplementedError(f"adapter {name!r} ({info.name}, {info.shape} shape) cannot be merged: it "
+                                          "changes what the model computes, not its weights")
         for selected in self._selected.values():  # first: layer merges (a scaled bias) build on them
             selected.merge(self._state.active)
         for layer in self._layers():
