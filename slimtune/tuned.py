@@ -144,7 +144,7 @@ class TunedModel(nn.Module):
         targets = find_targets(self.model, config, skip=set(saved)) if info.method.uses_targets(config) else []
         layers = {t: self._build_layer(info, t, config, init) for t in targets}
         input_adapter = info.method.build_input(self.model, config, init)
-        selections = self._build_selections(info, config, targets, init)
+        selections = self._build_selections(info, config, targets, init, saved)
         # nothing above changed the model; install everything
         for target, adapter in layers.items():
             layer = self._wrap(target)
@@ -175,15 +175,20 @@ class TunedModel(nn.Module):
             raise ConfigError(f"{type(config).__name__} cannot be built on {target} ({type(base).__name__}, "
                               f"d_in={d_in}, d_out={d_out}): {e}") from e
 
-    def _build_selections(self, info: MethodInfo, config: MethodConfig, targets: list[str],
-                          init: bool) -> list[tuple[str, nn.Module, str, TunedEntries]]:
+    def _build_selections(self, info: MethodInfo, config: MethodConfig, targets: list[str], init: bool,
+                          saved: list[str]) -> list[tuple[str, nn.Module, str, TunedEntries]]:
+        """Entries to train for the method's selections; tensors of modules this adapter trains in full
+        (`modules_to_save`) are left to the full copy."""
         base_names = {adapter_files.canonical(n): n for n, _ in self.model.named_parameters()
                       if not adapter_files.is_adapter_tensor(n)}
         out = []
         for sel in info.method.select(self.model, config, targets, init):
             if not isinstance(sel, Selection):
                 raise TypeError(f"{info.name}.select() must return Selection objects, got {type(sel).__name__}")
-            full = base_names.get(adapter_files.canonical(sel.name))
+            key = adapter_files.canonical(sel.name)
+            if any(key.startswith(s + ".") for s in saved):
+                continue
+            full = base_names.get(key)
             if full is None:
                 raise ConfigError(f"{type(config).__name__}: no base tensor named {sel.name!r}."
                                   + did_you_mean(sel.name, base_names))
@@ -191,7 +196,7 @@ class TunedModel(nn.Module):
             original = owner._parameters[attr]
             mask = torch.zeros_like(original, dtype=torch.bool) if sel.sparse and sel.mask is None else sel.mask
             entries = TunedEntries(original, mask)
-            out.append((adapter_files.canonical(sel.name), owner, attr, entries))
+            out.append((key, owner, attr, entries))
         return out
 
     def _install_selections(self, name: str, selections: list) -> None:

@@ -221,3 +221,11 @@ def test_trains_and_lowers_the_loss():
     data = torch.randint(0, VOCAB, (4, 12))
     losses = fit(model, data, steps=30, lr=3e-2)
     assert losses[-1] < losses[0] - 0.15, losses[::5]  # biases alone move a frozen random model a little
+
+
+def test_a_head_trained_in_full_is_not_also_selected():
+    model = st.attach(tiny_bert(), st.BitFitConfig(modules_to_save=["classifier"]))
+    keys = list(model.adapter_state_dict())
+    assert "base_model.model.classifier.weight" in keys and "base_model.model.classifier.bias" in keys
+    assert not any("classifier" in k and ("original_module" in k or "sparse" in k) for k in keys)
+    assert sum(k.endswith("classifier.bias") for k in keys) == 1
