@@ -68,10 +68,13 @@ def adapter_slots(tuned, name: str, export: bool = False) -> dict[str, Slot]:
         if name in saved.modules_to_save:
             for tname, t in saved.modules_to_save[name].state_dict(keep_vars=True).items():
                 slots[f"{prefix}{module_name}.{tname}"] = Slot(t, set(t.shape))
+    keys = METHODS[tuned.configs[name].method].method.tensor_keys
     if name in tuned.inputs:
-        keys = METHODS[tuned.configs[name].method].method.input_peft_keys()
         for tname, t in tuned.inputs[name].export_tensors().items():
             slots[keys.get(tname, tname)] = Slot(t, {t.shape[-1]})
+    if name in tuned.shared:
+        for tname, t in tuned.shared[name].state_dict(keep_vars=True).items():
+            slots[keys.get(tname, tname)] = Slot(t, set())
     names = {id(p): n for n, p in tuned.model.named_parameters()}
     for selected in tuned._selected.values():
         entries = selected.entries.get(name)

@@ -27,7 +27,7 @@ from slimtune.config import MethodConfig
 from slimtune.errors import AdapterLoadError, AdapterNameError, ConfigError, SlimtuneError, did_you_mean
 from slimtune.io import CONFIG_NAME
 from slimtune.layer import AdapterLayer, AdapterState, SavedModule
-from slimtune.methods.base import METHODS, LayerAdapter, MethodInfo, Selection
+from slimtune.methods.base import METHODS, AdapterView, LayerAdapter, MethodInfo, Selection
 from slimtune.selection import SelectedTensor, TunedEntries, install_property, owner_and_attr, remove_property
 from slimtune.targets import find_targets
 
@@ -43,6 +43,7 @@ class TunedModel(nn.Module):
             raise TypeError("model is already a TunedModel; call .add() on it to add another adapter")
         self.model = model
         self.inputs = nn.ModuleDict()  # adapter name -> InputAdapter
+        self.shared = nn.ModuleDict()  # adapter name -> state shared by its layer adapters
         self.selections = nn.ModuleDict()  # adapter name -> {tensor key -> TunedEntries}
         self.configs: dict[str, MethodConfig] = {}
         self._state = AdapterState()
@@ -142,7 +143,8 @@ class TunedModel(nn.Module):
             raise ConfigError(f"{type(config).__name__} is not a registered method config")
         saved = self._resolve_modules_to_save(config)
         targets = find_targets(self.model, config, skip=set(saved)) if info.method.uses_targets(config) else []
-        layers = {t: self._build_layer(info, t, config, init) for t in targets}
+        shared = info.method.build_shared(self.model, config, targets, init)
+        layers = {t: self._build_layer(info, t, config, init, shared) for t in targets}
         input_adapter = info.method.build_input(self.model, config, init)
         selections = self._build_selections(info, config, targets, init, saved)
         # nothing above changed the model; install everything
@@ -155,6 +157,8 @@ class TunedModel(nn.Module):
         if input_adapter is not None:
             self.inputs[name] = input_adapter
             input_adapter.attach(self.model)
+        if shared is not None:
+            self.shared[name] = shared
         self._install_selections(name, selections)
         self.configs[name] = config
         if not self._state.active:
@@ -162,12 +166,13 @@ class TunedModel(nn.Module):
         self._refresh_trainable()
         return self
 
-    def _build_layer(self, info: MethodInfo, target: str, config: MethodConfig, init: bool) -> LayerAdapter:
+    def _build_layer(self, info: MethodInfo, target: str, config: MethodConfig, init: bool,
+                     shared: nn.Module | None) -> LayerAdapter:
         base = self.model.get_submodule(target)
         base = base.base_layer if isinstance(base, AdapterLayer) else base
         kind = kind_of(base)
         try:
-            return info.method.build_layer(base, config.resolve(target), init)
+            return info.method.build_layer(base, config.resolve(target), init, shared)
         except NotImplementedError as e:
             raise NotImplementedError(f"{info.name} on {target} ({type(base).__name__}): {e}") from None
         except Exception as e:
@@ -241,8 +246,9 @@ class TunedModel(nn.Module):
                 del saved.modules_to_save[name]
         if name in self.inputs:
             self.inputs.pop(name).detach(self.model)
-        if name in self.selections:
-            del self.selections[name]
+        for holder in (self.selections, self.shared):
+            if name in holder:
+                del holder[name]
         for key, selected in list(self._selected.items()):
             selected.entries.pop(name, None)
             if not selected.entries:
@@ -311,6 +317,33 @@ class TunedModel(nn.Module):
             p.requires_grad_(self._base_requires_grad.get(n, True))
         model, self.configs, self._selected = self.model, {}, {}
         return model
+
+    # -- training hooks ------------------------------------------------------------------------
+    def step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Run the active adapters' per-step work (rank budgets, proximal updates, periodic merges).
+
+        Call after every optimizer step: st.Trainer does, `slimtune.train.SlimtuneCallback` does it
+        for HF Trainer, and a plain loop calls `model.step(step, optimizer)` itself.
+        """
+        for name in self._state.active:
+            METHODS[self.configs[name].method].method.step(self.view(name), self.configs[name], global_step,
+                                                            optimizer)
+
+    def regularization_loss(self) -> Tensor | None:
+        """The sum of the active adapters' regularisers (orthogonality, sparsity), or None if none has one."""
+        terms = [METHODS[self.configs[n].method].method.regularizer(self.view(n), self.configs[n])
+                 for n in self._state.active]
+        terms = [t for t in terms if t is not None]
+        return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
+
+    def view(self, name: str) -> AdapterView:
+        """Adapter `name`'s modules: per wrapped layer, the shared state, the input adapter."""
+        name = self._one_name(name)
+        layers = {n: m for n, m in self._layers(named=True) if name in m.adapters}
+        return AdapterView(name, {n: m.adapters[name] for n, m in layers.items()},
+                           {n: m.base_layer for n, m in layers.items()},
+                           self.shared[name] if name in self.shared else None,
+                           self.inputs[name] if name in self.inputs else None)
 
     # -- inspection --------------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -443,9 +476,9 @@ class TunedModel(nn.Module):
         for saved in self._saved_modules():
             for name, copy in saved.modules_to_save.items():
                 copy.requires_grad_(name in active)
-        for holder in (self.inputs, self.selections):
+        for holder in (self.inputs, self.selections, self.shared):
             for name, module in holder.items():
-                module.requires_grad_(name in active)
+                module.requires_grad_(name in active)  # their fixed tensors are buffers
 
 
 def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> TunedModel:

@@ -159,6 +159,17 @@ class Selection:
 
 
 @dataclass
+class AdapterView:
+    """Everything of one named adapter, as a method's `step` / `regularizer` sees it."""
+
+    name: str
+    layers: dict[str, LayerAdapter]  # wrapped module name -> this adapter's module there
+    bases: dict[str, nn.Module]  # wrapped module name -> the base module
+    shared: nn.Module | None = None
+    input: InputAdapter | None = None
+
+
+@dataclass
 class PeftContext:
     """What a method's HF PEFT translation may need to know about the model and adapter."""
 
@@ -212,7 +223,17 @@ class Method:
         """Whether the engine should wrap `cfg.targets` with `build_layer`."""
         return self.shape == "layer"
 
-    def build_layer(self, base: nn.Module, cfg: MethodConfig, init: bool = True) -> LayerAdapter:
+    def build_shared(self, model: nn.Module, cfg: MethodConfig, targets: list[str], init: bool = True
+                     ) -> nn.Module | None:
+        """State shared by all layers of one adapter (VeRA's random projections), or None.
+
+        Built once before the layers; each `build_layer` call receives it as `shared`. It belongs to
+        the adapter, not to a layer: saved once (under `tensor_keys` names) and counted once.
+        """
+        return None
+
+    def build_layer(self, base: nn.Module, cfg: MethodConfig, init: bool = True,
+                    shared: nn.Module | None = None) -> LayerAdapter:
         """A new adapter module for one target. Must not change `base` (do that in `install`)."""
         raise NotImplementedError(f"method {self.name!r} has no layer adapter")
 
@@ -236,9 +257,18 @@ class Method:
     def from_peft(self, data: dict[str, Any]) -> MethodConfig:
         raise NotImplementedError(f"loading HF PEFT adapters of peft_type={data.get('peft_type')!r}")
 
-    def input_peft_keys(self) -> dict[str, str]:
-        """Input adapters: our tensor name -> HF PEFT's key (they have no module prefix)."""
-        return {}
+    #: tensors of the input adapter and the shared module: our name -> key on disk (no module prefix)
+    tensor_keys: ClassVar[dict[str, str]] = {}
+
+    # -- training -----------------------------------------------------------------------------------
+    def step(self, adapter: AdapterView, cfg: MethodConfig, global_step: int,
+             optimizer: torch.optim.Optimizer | None) -> None:
+        """Called after every optimizer step while the adapter is active (`TunedModel.step`):
+        rank reallocation (AdaLoRA), proximal updates (SoRA), periodic merges (PeriodicLoRA)."""
+
+    def regularizer(self, adapter: AdapterView, cfg: MethodConfig) -> Tensor | None:
+        """An extra loss term while the adapter is active (`TunedModel.regularization_loss`), or None."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -294,5 +324,5 @@ def factory(base: nn.Module) -> dict[str, Any]:
     return {"dtype": kind.adapter_dtype(base), "device": kind.device(base)}
 
 
-__all__ = ["METHODS", "InputAdapter", "LayerAdapter", "Method", "MethodInfo", "PeftContext", "Selection",
+__all__ = ["METHODS", "AdapterView", "InputAdapter", "LayerAdapter", "Method", "MethodInfo", "PeftContext", "Selection",
            "factory", "method_for_peft_type", "register"]

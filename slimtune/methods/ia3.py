@@ -158,7 +158,8 @@ class IA3Method(Method):
     category, params, paper = "additive", "d_out (d_in on feed-forward targets)", "arXiv:2205.05638"
     mergeable, peft_type = True, "IA3"
 
-    def build_layer(self, base: nn.Module, cfg: IA3Config, init: bool = True) -> LayerAdapter:
+    def build_layer(self, base: nn.Module, cfg: IA3Config, init: bool = True,
+                    shared: nn.Module | None = None) -> LayerAdapter:
         """`cfg` is resolved for this module: `cfg.feedforward` is True or False."""
         if not kind_of(base).linear:
             raise NotImplementedError(f"(IA)3 on {type(base).__name__} is not implemented "

@@ -403,7 +403,8 @@ class LoraMethod(Method):
     category, params, paper = "reparameterized", "r*(d_in+d_out)", "arXiv:2106.09685"
     mergeable, peft_type = True, "LORA"
 
-    def build_layer(self, base: nn.Module, cfg: LoraConfig, init: bool = True) -> LayerAdapter:
+    def build_layer(self, base: nn.Module, cfg: LoraConfig, init: bool = True,
+                    shared: nn.Module | None = None) -> LayerAdapter:
         kind = kind_of(base).name
         if kind == "embedding":
             return LoraEmbedding(base, cfg, init)
@@ -475,7 +476,8 @@ class DoraMethod(LoraMethod):
     name, config = "dora", DoraConfig
     params, paper = "r*(d_in+d_out)+d_out", "arXiv:2402.09353"
 
-    def build_layer(self, base: nn.Module, cfg: DoraConfig, init: bool = True) -> LayerAdapter:
+    def build_layer(self, base: nn.Module, cfg: DoraConfig, init: bool = True,
+                    shared: nn.Module | None = None) -> LayerAdapter:
         if not kind_of(base).linear:
             raise NotImplementedError(f"DoRA on {type(base).__name__} is not implemented (Linear and Conv1D only)")
         return Dora(base, cfg, init)

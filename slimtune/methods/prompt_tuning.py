@@ -209,12 +209,11 @@ class PromptTuningMethod(Method):
     category, params, paper = "additive", "num_virtual_tokens*d_model", "arXiv:2104.08691"
     mergeable, peft_type = False, "PROMPT_TUNING"
     module_prefix = PEFT_SHORT_PREFIX
+    tensor_keys = {"embedding": "prompt_embeddings"}
 
     def build_input(self, model: nn.Module, cfg: PromptTuningConfig, init: bool = True) -> SoftPrompt:
         return SoftPrompt(model, cfg, init)
 
-    def input_peft_keys(self) -> dict[str, str]:
-        return {"embedding": "prompt_embeddings"}
 
     def to_peft(self, cfg: PromptTuningConfig, ctx: PeftContext) -> dict[str, Any]:
         if ctx.task_type is None or (ctx.task_type in ("SEQ_CLS", "TOKEN_CLS") and not ctx.modules_to_save):

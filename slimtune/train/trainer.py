@@ -207,7 +207,9 @@ class Trainer:
             dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float16
             ctx = torch.autocast(self.device.type, dtype=dtype)
         with ctx:
-            return model(**batch).loss
+            loss = model(**batch).loss
+            extra = self.model.regularization_loss()  # methods' own terms (orthogonality, sparsity)
+            return loss if extra is None else loss + extra
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
         self._stop = signal.Signals(signum).name
@@ -298,6 +300,7 @@ class Trainer:
                     continue
                 bad = 0
                 grad_norm = self._optimizer_step(opt, lr)
+                self.model.step(step, opt)  # methods' per-step work (rank budgets, periodic merges)
                 state["tokens"] += tokens
                 dt = time.perf_counter() - t0
                 state["train_seconds"] = time.perf_counter() - t_start

@@ -1,0 +1,25 @@
+"""HF Trainer integration: run slimtune's per-step method hooks from `transformers.Trainer`.
+
+    trainer = transformers.Trainer(model=tuned, ..., callbacks=[SlimtuneCallback()])
+
+`TunedModel.step(global_step, optimizer)` runs after every optimizer step (AdaLoRA's rank budget,
+SoRA's proximal update, PeriodicLoRA's merges). Methods with a regulariser need it in the loss:
+`loss = outputs.loss + model.regularization_loss()` in a `compute_loss` override.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class SlimtuneCallback(TrainerCallback):
+    """Calls `model.step(state.global_step, optimizer)` at the end of every optimizer step."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                    **kwargs: Any) -> None:
+        tuned = getattr(model, "module", model)  # DDP / accelerate wrappers
+        step = getattr(tuned, "step", None)
+        if callable(step):
+            step(state.global_step, optimizer)
