@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("bench", help="speed and memory ratios vs the frozen base and HF PEFT")
-    p.add_argument("suite", choices=["lora", "methods"], help="lora: the LoRA family in depth; methods: one row "
-                   "per method exemplar (LoRA, (IA)3, prompt tuning, BitFit)")
+    p.add_argument("suite", choices=["lora", "methods", "quality"], help="lora: the LoRA family in depth; "
+                   "methods: speed, one row per method exemplar; quality: accuracy per method on a real task")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", default=None, help="result JSON (default bench/results/SUITE.json)")
