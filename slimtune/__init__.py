@@ -14,9 +14,13 @@ from slimtune.errors import (  # noqa: E402
 )
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
+from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
+from slimtune.methods.hra import HRAConfig  # noqa: E402
 from slimtune.methods.ia3 import IA3Config  # noqa: E402
+from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
+from slimtune.methods.vera import VeraConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
 __all__ = [
@@ -27,13 +31,18 @@ __all__ = [
     "BitFitConfig",
     "ConfigError",
     "DoraConfig",
+    "FourierFTConfig",
+    "HRAConfig",
     "IA3Config",
+    "LohaConfig",
+    "LokrConfig",
     "LoraConfig",
     "MethodConfig",
     "PromptTuningConfig",
     "SlimtuneError",
     "TargetNotFoundError",
     "TunedModel",
+    "VeraConfig",
     "attach",
     "config_from_dict",
     "load",

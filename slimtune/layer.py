@@ -84,9 +84,11 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
         """Fold `names` into the base weight, in order; input-side adapters fold in last, as they
-        scale the input of the base and of every other adapter alike."""
+        change the input of the base and of every other adapter alike, and in reverse order: forward
+        computes W M_b M_a x for transforms a then b, so M_b folds into W before M_a."""
         todo = [n for n in names if n in self.adapters and n not in self.merged]
-        todo.sort(key=lambda n: self.adapters[n].transforms_input)
+        inputs = [n for n in todo if self.adapters[n].transforms_input]
+        todo = [n for n in todo if n not in inputs] + inputs[::-1]
         for name, adapter in self.adapters.items():  # an idle residual init: give the base back first, so
             if todo and adapter.changes_base and name not in todo and name not in self.merged + self._released:
                 adapter.release(self.base_layer)  # merged weights scale the original base, not the residual

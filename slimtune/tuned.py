@@ -51,6 +51,7 @@ class TunedModel(nn.Module):
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
+        self.train(model.training)  # the wrapper and its holders start in the base's mode
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -147,6 +148,9 @@ class TunedModel(nn.Module):
         layers = {t: self._build_layer(info, t, config, init, shared) for t in targets}
         input_adapter = info.method.build_input(self.model, config, init)
         selections = self._build_selections(info, config, targets, init, saved)
+        for module in [*layers.values(), input_adapter, shared, *(entries for *_, entries in selections)]:
+            if module is not None:
+                module.train(self.model.training)  # new modules follow the model's mode (dropout off in eval)
         # nothing above changed the model; install everything
         for target, adapter in layers.items():
             layer = self._wrap(target)
@@ -427,7 +431,7 @@ class TunedModel(nn.Module):
         module = self.model.get_submodule(target)
         if isinstance(module, AdapterLayer):
             return module
-        layer = AdapterLayer(module, self._state)
+        layer = AdapterLayer(module, self._state).train(module.training)
         self._replace(target, layer)
         return layer
 
@@ -435,7 +439,7 @@ class TunedModel(nn.Module):
         module = self.model.get_submodule(target)
         if isinstance(module, SavedModule):
             return module
-        saved = SavedModule(module, self._state)
+        saved = SavedModule(module, self._state).train(module.training)
         self._replace(target, saved)
         return saved
 

@@ -307,3 +307,12 @@ def test_selected_bias_and_output_scaling_on_one_layer_merge_equals_unmerged(ids
     unmerged = output(model, ids)
     model.merge()
     torch.testing.assert_close(output(model, ids), unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_new_adapters_follow_the_models_train_or_eval_mode(ids):
+    model = st.attach(tiny_llama(), st.LoraConfig(r=2, targets=["q_proj"], dropout=0.5))  # the base is in eval
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(output(model, ids), output(model, ids), atol=0, rtol=0)  # no dropout
+    model.train()
+    model.add(st.LoraConfig(r=2, targets=["v_proj"], dropout=0.5), name="second")
+    assert all(m.training for m in model.modules())
