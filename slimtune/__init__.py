@@ -19,6 +19,7 @@ from slimtune.methods.hra import HRAConfig  # noqa: E402
 from slimtune.methods.ia3 import IA3Config  # noqa: E402
 from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
+from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "AdapterNameError",
     "AdapterSaveError",
     "BitFitConfig",
+    "BoftConfig",
     "ConfigError",
     "DoraConfig",
     "FourierFTConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "LokrConfig",
     "LoraConfig",
     "MethodConfig",
+    "OftConfig",
     "PromptTuningConfig",
     "SlimtuneError",
     "TargetNotFoundError",
