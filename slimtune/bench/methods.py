@@ -1,4 +1,4 @@
-"""`slimtune bench methods`: one row per method shape's exemplar, slimtune and HF PEFT in one run.
+"""`slimtune bench methods`: one row per method (its default budget on q,v), slimtune and HF PEFT in one run.
 
 Same model and protocol as `slimtune bench lora` (Llama from config, fp32, interleaved rounds,
 medians): train-step time over the frozen floor, trainable parameters, and HF PEFT's implementation
@@ -18,6 +18,7 @@ import torch
 from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, timed_rounds, train_step
 
 IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra")
 VIRTUAL_TOKENS = 20
 
 
@@ -29,6 +30,13 @@ def ours(method: str, shape: dict):
         "ia3": lambda: st.IA3Config(targets=IA3_TARGETS, feedforward=IA3_FF),
         "prompt_tuning": lambda: st.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS),
         "bitfit": lambda: st.BitFitConfig(),
+        "vera": lambda: st.VeraConfig(r=256, targets=QV),
+        "loha": lambda: st.LohaConfig(r=8, alpha=8, targets=QV),
+        "lokr": lambda: st.LokrConfig(r=8, alpha=8, targets=QV),
+        "oft": lambda: st.OftConfig(block_size=32, targets=QV),
+        "boft": lambda: st.BoftConfig(block_size=4, targets=QV),
+        "fourierft": lambda: st.FourierFTConfig(n_frequency=1000, targets=QV),
+        "hra": lambda: st.HRAConfig(r=8, targets=QV),
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     return st.attach(base, configs[method]())
@@ -41,6 +49,13 @@ def theirs(method: str, shape: dict):
         "lora_qv": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=QV),
         "ia3": lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF),
         "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
+        "vera": lambda: peft.VeraConfig(r=256, target_modules=QV),
+        "loha": lambda: peft.LoHaConfig(r=8, alpha=8, target_modules=QV),
+        "lokr": lambda: peft.LoKrConfig(r=8, alpha=8, target_modules=QV),
+        "oft": lambda: peft.OFTConfig(oft_block_size=32, r=0, target_modules=QV),
+        "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=QV),
+        "fourierft": lambda: peft.FourierFTConfig(n_frequency=1000, target_modules=QV),
+        "hra": lambda: peft.HRAConfig(r=8, target_modules=QV),
     }
     return peft.get_peft_model(base_model(shape), configs[method]())
 
@@ -58,7 +73,7 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     ids = torch.randint(0, shape["vocab_size"], batch)
     cases: dict[str, Callable[[], None]] = {"floor": floor_step(base_model(shape), ids)}
     params: dict[str, int] = {}
-    for method in ("lora_qv", "ia3", "prompt_tuning", "bitfit"):
+    for method in METHODS:
         model = ours(method, shape)
         params[f"ours_{method}"] = trainable(model)
         cases[f"ours_{method}"] = train_step(model, ids)
