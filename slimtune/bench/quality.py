@@ -22,7 +22,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "lora": ({"method": "lora", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 1e-3),
     "ia3": ({"method": "ia3", "targets": r".*\.(key|value|layer\.\d+\.output\.dense)",  # k, v, FFN out
              "feedforward": r".*layer\.\d+\.output\.dense"}, 1e-2),
-    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 20}, 3e-2),
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 20}, 1e-2),  # one lr for prompt and head
     "bitfit": ({"method": "bitfit"}, 3e-3),
 }
 
