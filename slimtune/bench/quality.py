@@ -24,6 +24,13 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
              "feedforward": r".*layer\.\d+\.output\.dense"}, 1e-2),
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 20}, 1e-2),  # one lr for prompt and head
     "bitfit": ({"method": "bitfit"}, 3e-3),
+    "vera": ({"method": "vera", "r": 256, "targets": ["query", "value"]}, 1e-2),
+    "loha": ({"method": "loha", "r": 8, "alpha": 8, "targets": ["query", "value"]}, 1e-3),
+    "lokr": ({"method": "lokr", "r": 8, "alpha": 8, "targets": ["query", "value"]}, 1e-3),
+    "oft": ({"method": "oft", "block_size": 32, "targets": ["query", "value"]}, 1e-3),
+    "boft": ({"method": "boft", "block_size": 4, "targets": ["query", "value"]}, 1e-3),
+    "fourierft": ({"method": "fourierft", "n_frequency": 1000, "targets": ["query", "value"]}, 1e-2),
+    "hra": ({"method": "hra", "r": 8, "targets": ["query", "value"]}, 1e-3),
 }
 
 
