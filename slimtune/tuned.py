@@ -175,6 +175,9 @@ class TunedModel(nn.Module):
         base = self.model.get_submodule(target)
         base = base.base_layer if isinstance(base, AdapterLayer) else base
         kind = kind_of(base)
+        if info.method.linear_only and not kind.linear:
+            raise NotImplementedError(f"{info.name} on {target} ({type(base).__name__}) is not implemented: "
+                                      "it adapts linear layers only (Linear, GPT-2 Conv1D, registered linear kinds)")
         try:
             return info.method.build_layer(base, config.resolve(target), init, shared)
         except NotImplementedError as e:

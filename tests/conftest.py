@@ -71,3 +71,16 @@ def fit(model, data: torch.Tensor, steps: int, lr: float) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def assert_rows_match_alone(model, batch: torch.Tensor, names: list, atol: float = 1e-5) -> torch.Tensor:
+    """Row i of a mixed batch (`adapter_names=names`) equals row i run alone with its adapter (None: base)."""
+    mixed = output(model, batch, adapter_names=names)
+    for i, name in enumerate(names):
+        if name is None:
+            with model.disabled():
+                alone = output(model, batch[i:i + 1])
+        else:
+            alone = output(model.use(name), batch[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=atol, rtol=1e-4)
+    return mixed

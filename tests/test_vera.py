@@ -17,7 +17,7 @@ import slimtune as st
 from slimtune.bases import sizes as features
 from slimtune.layer import AdapterLayer, SavedModule
 from slimtune.methods.vera import VeraConfig, projections
-from tests.conftest import MODELS, fit, output, randomize, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import MODELS, assert_rows_match_alone, fit, output, randomize, tiny_bert, tiny_gpt2, tiny_llama
 
 TOL = 1e-5  # fp32, logits ~ O(1): merged vs unmerged, PEFT vs ours (absolute)
 W_TOL = 1e-6  # unmerge: weights after W + delta - delta
@@ -286,14 +286,7 @@ def test_mixed_batch_rows_equal_each_adapter_alone(arch, ids):
     scramble(model, seed=3)
     names = ["a", "b", None, "c", "a", "b"]
     batch = torch.cat([ids, ids.flip(0)])
-    mixed = output(model, batch, adapter_names=names)
-    for i, name in enumerate(names):
-        if name is None:
-            with model.disabled():
-                alone = output(model, batch[i:i + 1])
-        else:
-            alone = output(model.use(name), batch[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1], alone, atol=TOL, rtol=1e-4)
+    mixed = assert_rows_match_alone(model, batch, names, atol=TOL)
     with model.disabled():
         assert not torch.allclose(mixed[:1], output(model, batch[:1]), atol=1e-3)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.bases import kind_of, sizes
+from slimtune.bases import sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
 from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, register
 
@@ -146,12 +146,10 @@ class FourierFTMethod(Method):
     name, config, shape = "fourierft", FourierFTConfig, "layer"
     category, params, paper = "reparameterized", "n_frequency", "arXiv:2405.03003"
     mergeable, peft_type = True, "FOURIERFT"
+    linear_only = True
 
     def build_layer(self, base: nn.Module, cfg: FourierFTConfig, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
-        if not kind_of(base).linear:
-            raise NotImplementedError(f"FourierFT on {type(base).__name__} is not implemented "
-                                      "(Linear and GPT-2 Conv1D only, as in HF PEFT)")
         return FourierFT(base, cfg, init)
 
     def to_peft(self, cfg: FourierFTConfig, ctx: PeftContext) -> dict[str, Any]:

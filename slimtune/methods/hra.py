@@ -159,11 +159,10 @@ class HRAMethod(Method):
     name, config, shape = "hra", HRAConfig, "layer"
     category, params, paper = "reparameterized", "r*d_in", "arXiv:2405.17484"
     mergeable, peft_type = True, "HRA"
+    linear_only = True
 
     def build_layer(self, base: nn.Module, cfg: HRAConfig, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
-        if not kind_of(base).linear:
-            raise NotImplementedError(f"HRA on {type(base).__name__} is not implemented (Linear and GPT-2 Conv1D only)")
         return HRA(base, cfg, init)
 
     def regularizer(self, adapter: AdapterView, cfg: HRAConfig) -> Tensor | None:

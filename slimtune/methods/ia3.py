@@ -157,13 +157,11 @@ class IA3Method(Method):
     name, config, shape = "ia3", IA3Config, "layer"
     category, params, paper = "additive", "d_out (d_in on feed-forward targets)", "arXiv:2205.05638"
     mergeable, peft_type = True, "IA3"
+    linear_only = True
 
     def build_layer(self, base: nn.Module, cfg: IA3Config, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
         """`cfg` is resolved for this module: `cfg.feedforward` is True or False."""
-        if not kind_of(base).linear:
-            raise NotImplementedError(f"(IA)3 on {type(base).__name__} is not implemented "
-                                      "(Linear and GPT-2 Conv1D only)")
         return IA3(base, feedforward=cfg.feedforward is True)
 
     def select(self, model: nn.Module, cfg: IA3Config, targets: list[str], init: bool = True) -> list[Selection]:

@@ -475,9 +475,8 @@ class LoraMethod(Method):
 class DoraMethod(LoraMethod):
     name, config = "dora", DoraConfig
     params, paper = "r*(d_in+d_out)+d_out", "arXiv:2402.09353"
+    linear_only = True
 
     def build_layer(self, base: nn.Module, cfg: DoraConfig, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
-        if not kind_of(base).linear:
-            raise NotImplementedError(f"DoRA on {type(base).__name__} is not implemented (Linear and Conv1D only)")
         return Dora(base, cfg, init)

@@ -445,12 +445,6 @@ def _peft_targets(ctx: PeftContext, method: str) -> None:
                                   f"modules: HF PEFT 0.21's {method} supports Linear only among slimtune's targets")
 
 
-def _layer_check(base: nn.Module, method: str) -> None:
-    if not kind_of(base).linear:
-        raise NotImplementedError(f"{method} on {type(base).__name__} is not implemented "
-                                  "(Linear and GPT-2 Conv1D only)")
-
-
 def _common_from_peft(data: dict[str, Any]) -> dict[str, Any]:
     targets = data.get("target_modules")
     return {
@@ -467,10 +461,10 @@ class OftMethod(Method):
     category, params, paper = "reparameterized", "k*b*(b-1)/2 = d_in*(b-1)/2 (b*(b-1)/2 with block_share)", \
         "arXiv:2306.07280"
     mergeable, peft_type = True, "OFT"
+    linear_only = True
 
     def build_layer(self, base: nn.Module, cfg: OftConfig, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
-        _layer_check(base, "OFT")
         return Oft(base, cfg)
 
     def select(self, model: nn.Module, cfg: OftConfig, targets: list[str], init: bool = True) -> list[Selection]:
@@ -525,10 +519,10 @@ class BoftMethod(Method):
     name, config, shape = "boft", BoftConfig, "layer"
     category, params, paper = "reparameterized", "m*N*b^2 + d_out (N*b = d_in)", "arXiv:2311.06243"
     mergeable, peft_type = True, "BOFT"
+    linear_only = True
 
     def build_layer(self, base: nn.Module, cfg: BoftConfig, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
-        _layer_check(base, "BOFT")
         return Boft(base, cfg)
 
     def select(self, model: nn.Module, cfg: BoftConfig, targets: list[str], init: bool = True) -> list[Selection]:

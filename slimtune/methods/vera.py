@@ -166,6 +166,7 @@ class VeraMethod(Method):
     category, params, paper = "reparameterized", "r+d_out", "arXiv:2310.11454"
     mergeable, peft_type = True, "VERA"
     tensor_keys = {"A": "base_model.vera_A", "B": "base_model.vera_B"}  # PEFT's keys (adapter name removed)
+    linear_only = True
 
     def build_shared(self, model: nn.Module, cfg: VeraConfig, targets: list[str], init: bool = True
                      ) -> VeraProjections | None:
@@ -184,9 +185,6 @@ class VeraMethod(Method):
 
     def build_layer(self, base: nn.Module, cfg: VeraConfig, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
-        if not kind_of(base).linear:
-            raise NotImplementedError(f"VeRA on {type(base).__name__} is not implemented "
-                                      "(Linear and GPT-2 Conv1D only)")
         if not isinstance(shared, VeraProjections):
             raise ValueError("VeRA layers need the adapter's shared projections (Method.build_shared)")
         return Vera(base, cfg, shared)
