@@ -316,3 +316,50 @@ def test_new_adapters_follow_the_models_train_or_eval_mode(ids):
     model.train()
     model.add(st.LoraConfig(r=2, targets=["v_proj"], dropout=0.5), name="second")
     assert all(m.training for m in model.modules())
+
+
+# -- every registered method against the same contract checks (a new method must be added here) -----------
+EXAMPLES = {
+    "lora": (tiny_llama, lambda: st.LoraConfig(r=2, targets=["q_proj", "down_proj"])),
+    "dora": (tiny_llama, lambda: st.DoraConfig(r=2, targets=["q_proj"])),
+    "ia3": (tiny_llama, lambda: st.IA3Config(targets=["k_proj", "down_proj"], feedforward=["down_proj"])),
+    "vera": (tiny_llama, lambda: st.VeraConfig(r=8, targets=["q_proj", "down_proj"])),
+    "loha": (tiny_llama, lambda: st.LohaConfig(r=2, targets=["q_proj"])),
+    "lokr": (tiny_llama, lambda: st.LokrConfig(r=2, targets=["q_proj"])),
+    "oft": (tiny_llama, lambda: st.OftConfig(block_size=16, targets=["q_proj"])),
+    "boft": (tiny_llama, lambda: st.BoftConfig(block_size=4, targets=["q_proj"])),
+    "fourierft": (tiny_llama, lambda: st.FourierFTConfig(n_frequency=50, targets=["q_proj"])),
+    "hra": (tiny_llama, lambda: st.HRAConfig(r=2, targets=["q_proj"])),
+    "prompt_tuning": (tiny_gpt2, lambda: st.PromptTuningConfig(num_virtual_tokens=3)),
+    "bitfit": (tiny_gpt2, lambda: st.BitFitConfig()),
+}
+
+
+def test_every_registered_method_has_a_contract_example():
+    assert set(EXAMPLES) == {n for n in METHODS if not n.startswith("test_")}
+
+
+@pytest.mark.parametrize("method", EXAMPLES)
+def test_contract_for_every_method(method, ids, tmp_path):
+    make, config = EXAMPLES[method]
+    ref = output(make(), ids)
+    model = st.attach(make(), config())
+    with torch.no_grad():  # make every adapter non-trivial
+        for _, p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    adapted = output(model, ids)
+    assert not torch.allclose(adapted, ref)
+    with model.disabled():
+        torch.testing.assert_close(output(model, ids), ref, atol=0, rtol=0)
+    model.save(tmp_path / "a")
+    torch.testing.assert_close(output(st.load(make(), tmp_path / "a"), ids), adapted, atol=0, rtol=0)
+    model.train()
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None for _, p in model.trainable_parameters())
+    model.zero_grad(set_to_none=True)
+    model.eval().to(torch.float64)  # .to() reaches every adapter
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    torch.testing.assert_close(output(model, ids).float(), adapted, atol=1e-4, rtol=1e-4)
+    if METHODS[method].mergeable:
+        model.merge()
+        torch.testing.assert_close(output(model, ids).float(), adapted, atol=1e-4, rtol=1e-4)

@@ -549,3 +549,12 @@ def test_layers_are_the_registered_classes():
     model.add(cfg_of("boft"), name="b")
     kinds = {type(m.adapters[n]) for _, m in model.named_modules() if isinstance(m, AdapterLayer) for n in m.adapters}
     assert kinds == {Oft, Boft}
+
+
+@pytest.mark.parametrize("cfg", [OftConfig(block_size=16, targets=["q_proj"]),
+                                 BoftConfig(block_size=4, targets=["q_proj"])])
+def test_adapted_model_moves_between_devices_and_dtypes(cfg, ids):
+    """`.to()` reaches the adapters (nn.Module._apply must not be shadowed by a method of the adapter)."""
+    model = st.attach(tiny_llama(), cfg).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert output(model, ids).dtype == torch.float64

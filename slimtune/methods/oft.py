@@ -280,9 +280,9 @@ class Oft(LayerAdapter):
         """W0 R^T - W0 (for inspection; merging multiplies)."""
         W = kind_of(base).weight(base)
         R = self.blocks().detach()
-        return (self._apply(W.to(R.dtype), R) - W).to(W.dtype)
+        return (self._rotate(W.to(R.dtype), R) - W).to(W.dtype)
 
-    def _apply(self, W: Tensor, R: Tensor) -> Tensor:
+    def _rotate(self, W: Tensor, R: Tensor) -> Tensor:
         """W R^T for W (d_out, d_in) and R = block_diag(R): row o, block j -> W[o, j] @ R_j^T."""
         return torch.einsum("ojk,jck->ojc", W.reshape(W.shape[0], self.k, self.b), R).reshape(W.shape)
 
@@ -292,7 +292,7 @@ class Oft(LayerAdapter):
         W = kind.weight(base)
         R = self.blocks().detach().clone()
         self._merged = R
-        kind.write_weight(base, self._apply(W.to(R.dtype), R))
+        kind.write_weight(base, self._rotate(W.to(R.dtype), R))
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
