@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slimtune.selection import plain_class
+
 try:  # GPT-2 style fan-in/fan-out linear: weight stored as (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -64,8 +66,7 @@ class LinearKind(BaseKind):
     name, types, linear = "linear", (nn.Linear,), True
 
     def matmul_weight(self, module: nn.Module) -> Tensor | None:
-        plain = getattr(type(module), "_slimtune_original_class", type(module))  # see selection.py
-        return module.weight if plain is nn.Linear else None
+        return module.weight if plain_class(module) is nn.Linear else None
 
 
 class GPT2Conv1DKind(BaseKind):

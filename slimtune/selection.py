@@ -46,15 +46,16 @@ class TunedEntries(nn.Module):
         self.index = torch.zeros(k, dtype=torch.long, device=self.values.device)
         self.values = nn.Parameter(self.values.new_zeros(k), requires_grad=self.values.requires_grad)
 
-    def apply(self, W0: Tensor) -> Tensor:
-        """W0 with this adapter's entries put in (differentiable in `values`)."""
+    def put_into(self, W0: Tensor) -> Tensor:
+        """W0 with this adapter's entries put in (differentiable in `values`). Not named `apply`:
+        that is nn.Module.apply(fn), which model.apply(init_fn) calls on every submodule."""
         values = self.values.to(W0.dtype)
         if self.index is None:
             return values
         return W0.reshape(-1).index_put((self.index,), values).view_as(W0)
 
     def delta(self, W0: Tensor) -> Tensor:
-        return self.apply(W0) - W0
+        return self.put_into(W0) - W0
 
 
 class SelectedTensor:
@@ -72,16 +73,7 @@ class SelectedTensor:
 
     def effective(self) -> Tensor:
         """What the owner module should compute with right now."""
-        W0 = self.base
-        live = [e for n, e in self.entries.items() if n not in self.merged and self.is_live(n)]
-        if not live:
-            return W0
-        if len(live) == 1:
-            return live[0].apply(W0)
-        out = W0
-        for entry in live:
-            out = out + entry.delta(W0)
-        return out
+        return _compose(self.base, [e for n, e in self.entries.items() if n not in self.merged and self.is_live(n)])
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
@@ -90,12 +82,7 @@ class SelectedTensor:
             return
         if self._original is None:
             self._original = self.base.detach().clone()
-        W = self.base
-        value = W.clone() if len(todo) > 1 else self.entries[todo[0]].apply(W)
-        if len(todo) > 1:
-            for name in todo:
-                value = value + self.entries[name].delta(W)
-        W.copy_(value)
+        self.base.copy_(_compose(self.base, [self.entries[n] for n in todo]))
         self.merged.extend(todo)
 
     @torch.no_grad()
@@ -103,6 +90,19 @@ class SelectedTensor:
         if self._original is not None:
             self.base.copy_(self._original)  # bit for bit
         self._original, self.merged = None, []
+
+
+def _compose(W0: Tensor, entries: list[TunedEntries]) -> Tensor:
+    """W0 with the entries of every adapter in `entries`: one adapter's values exactly, several
+    adapters' deltas added (W0 + sum_a (W_a - W0))."""
+    if not entries:
+        return W0
+    if len(entries) == 1:
+        return entries[0].put_into(W0)
+    out = W0
+    for entry in entries:
+        out = out + entry.delta(W0)
+    return out
 
 
 def install_property(owner: nn.Module, attr: str, selected: SelectedTensor) -> None:

@@ -344,6 +344,9 @@ def test_contract_for_every_method(method, ids, tmp_path):
     make, config = EXAMPLES[method]
     ref = output(make(), ids)
     model = st.attach(make(), config())
+    visited = []
+    model.apply(visited.append)  # nn.Module.apply reaches every adapter module (none shadows it)
+    assert len(visited) == len(list(model.modules()))
     with torch.no_grad():  # make every adapter non-trivial
         for _, p in model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
