@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune import __version__
-from slimtune.bases import kind_of
+from slimtune.bases import base_kind, kind_of
 from slimtune.config import MethodConfig, config_from_dict
 from slimtune.errors import AdapterLoadError, ConfigError, did_you_mean
 from slimtune.io import read_adapter_dir, write_adapter_dir
@@ -158,7 +158,7 @@ def peft_context(tuned, name: str) -> PeftContext:
     targets = [n for n, layer in tuned._layers(named=True) if name in layer.adapters]
     kinds = {kind_of(tuned.model.get_submodule(t).base_layer).name for t in targets}
     leaves = sorted({t.split(".")[-1] for t in targets})
-    picked = {n for n, m in base_modules(tuned.model) if n.split(".")[-1] in leaves and _kind_or_none(m)}
+    picked = {n for n, m in base_modules(tuned.model) if n.split(".")[-1] in leaves and base_kind(m)}
     saved = [n for n, m in tuned._saved_modules(named=True) if name in m.modules_to_save]
     return PeftContext(
         task_type=_task_type(tuned.model),
@@ -169,12 +169,6 @@ def peft_context(tuned, name: str) -> PeftContext:
         modules_to_save=saved or None,
         model=tuned.model,
     )
-
-
-def _kind_or_none(module: nn.Module):
-    from slimtune.bases import base_kind
-
-    return base_kind(module)
 
 
 def _name_or_path(model: nn.Module) -> str | None:
@@ -223,11 +217,6 @@ def save(tuned, name: str, path: Path, format: str = "slimtune") -> None:
             "targets_resolved": [n for n, layer in tuned._layers(named=True) if name in layer.adapters],
         }
     write_adapter_dir(path, config, tensors)
-
-
-def layer_param_count(tuned, name: str) -> int:
-    return sum(p.numel() for layer in tuned._layers() if name in layer.adapters
-               for p in layer.adapters[name].parameters())
 
 
 __all__ = ["adapter_slots", "base_fingerprint", "canonical", "config_from_json",

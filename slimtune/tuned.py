@@ -333,13 +333,15 @@ class TunedModel(nn.Module):
         for HF Trainer, and a plain loop calls `model.step(step, optimizer)` itself.
         """
         for name in self._state.active:
-            METHODS[self.configs[name].method].method.step(self.view(name), self.configs[name], global_step,
-                                                            optimizer)
+            info = METHODS[self.configs[name].method]
+            if info.has_step:  # a view walks the model's modules: only for methods that use it
+                info.method.step(self.view(name), self.configs[name], global_step, optimizer)
 
     def regularization_loss(self) -> Tensor | None:
         """The sum of the active adapters' regularisers (orthogonality, sparsity), or None if none has one."""
-        terms = [METHODS[self.configs[n].method].method.regularizer(self.view(n), self.configs[n])
-                 for n in self._state.active]
+        infos = {n: METHODS[self.configs[n].method] for n in self._state.active}  # called every forward:
+        terms = [info.method.regularizer(self.view(n), self.configs[n])     # views only where needed
+                 for n, info in infos.items() if info.has_regularizer]
         terms = [t for t in terms if t is not None]
         return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
 

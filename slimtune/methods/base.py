@@ -286,6 +286,8 @@ class MethodInfo:
     peft_type: str | None
     config: type[MethodConfig]
     method: Method
+    has_step: bool = False  # overrides Method.step: the engine builds an AdapterView only for these
+    has_regularizer: bool = False  # overrides Method.regularizer
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -297,7 +299,8 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__}.shape={cls.shape!r}: expected 'layer', 'input' or 'selective'")
     register_config(cls.name, cls.config)
     METHODS[cls.name] = MethodInfo(cls.name, cls.shape, cls.category, cls.params, cls.paper, cls.mergeable,
-                                   cls.peft_type, cls.config, cls())
+                                   cls.peft_type, cls.config, cls(), has_step=cls.step is not Method.step,
+                                   has_regularizer=cls.regularizer is not Method.regularizer)
     return cls
 
 
