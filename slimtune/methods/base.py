@@ -304,6 +304,17 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def peft_target_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Our MethodConfig fields from the ones every HF PEFT layer-method config shares."""
+    targets = data.get("target_modules")
+    return {
+        "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
+        "exclude": data.get("exclude_modules"),
+        "layers": data.get("layers_to_transform"),
+        "modules_to_save": data.get("modules_to_save"),
+    }
+
+
 def method_for_peft_type(peft_type: str) -> Method:
     """The registered method that reads HF PEFT configs of `peft_type` (the first registered)."""
     for info in METHODS.values():
@@ -330,4 +341,4 @@ def factory(base: nn.Module) -> dict[str, Any]:
 
 
 __all__ = ["METHODS", "AdapterView", "InputAdapter", "LayerAdapter", "Method", "MethodInfo", "PeftContext", "Selection",
-           "factory", "method_for_peft_type", "register"]
+           "factory", "method_for_peft_type", "peft_target_fields", "register"]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from slimtune.bases import sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, peft_target_fields, register
 
 _INITS = ("normal", "zeros")
 
@@ -176,7 +176,6 @@ class FourierFTMethod(Method):
             raise NotImplementedError(f"PEFT FourierFT adapter with bias={data['bias']!r}: only 'none' is supported")
         if data.get("random_loc_seed") is None:
             raise NotImplementedError("PEFT FourierFT adapter without random_loc_seed: the positions are unknown")
-        targets = data.get("target_modules")
         return config_from_dict({
             "method": "fourierft",
             "n_frequency": int(data.get("n_frequency", 1000)),
@@ -184,10 +183,7 @@ class FourierFTMethod(Method):
             "seed": int(data["random_loc_seed"]),
             "init": "zeros" if data.get("init_weights") else "normal",
             "n_frequency_pattern": data.get("n_frequency_pattern") or None,
-            "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
-            "exclude": data.get("exclude_modules"),
-            "layers": data.get("layers_to_transform"),
-            "modules_to_save": data.get("modules_to_save"),
+            **peft_target_fields(data),
         })
 
 

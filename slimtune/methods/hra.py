@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from slimtune.bases import kind_of, sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.methods.base import AdapterView, LayerAdapter, Method, PeftContext, factory, register
+from slimtune.methods.base import AdapterView, LayerAdapter, Method, PeftContext, factory, peft_target_fields, register
 
 _INITS = ("symmetric", "random")
 
@@ -199,16 +199,12 @@ class HRAMethod(Method):
         if data.get("bias", "none") != "none":
             raise NotImplementedError(f"PEFT HRA adapter with bias={data['bias']!r}: only 'none' is supported")
         r = int(data.get("r", 8))
-        targets = data.get("target_modules")
         return config_from_dict({
             "method": "hra",
             "r": r,
             "gram_schmidt": bool(data.get("apply_GS", False)),
             "init": "symmetric" if data.get("init_weights", True) and r % 2 == 0 else "random",
-            "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
-            "exclude": data.get("exclude_modules"),
-            "layers": data.get("layers_to_transform"),
-            "modules_to_save": data.get("modules_to_save"),
+            **peft_target_fields(data),
         })
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from slimtune.bases import kind_of, sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
 from slimtune.errors import ConfigError
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, peft_target_fields, register
 from slimtune.targets import matches
 
 
@@ -190,7 +190,7 @@ class IA3Method(Method):
         without a '.' before it; ours needs the '.', as `targets` do. The two differ only for an entry that
         ends a target's name mid-segment ("proj" for "q_proj"), which PEFT's own configs never use.
         """
-        targets, ff = data.get("target_modules"), data.get("feedforward_modules")
+        ff = data.get("feedforward_modules")
         if ff is None:
             raise NotImplementedError("PEFT IA3 adapter without feedforward_modules: PEFT picks them per "
                                       "architecture; write them into adapter_config.json")
@@ -198,10 +198,8 @@ class IA3Method(Method):
             ff = sorted(ff) or None
         return config_from_dict({
             "method": "ia3",
-            "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
-            "exclude": data.get("exclude_modules"),
+            **peft_target_fields(data),
             "feedforward": ff,
-            "modules_to_save": data.get("modules_to_save"),
         })
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from slimtune.bases import kind_of
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, peft_target_fields, register
 from slimtune.methods.lora import _pattern_value
 
 
@@ -379,7 +379,6 @@ class _LycorisMethod(Method):
         return config_from_dict(self._fields_from_peft(data))
 
     def _fields_from_peft(self, data: dict[str, Any]) -> dict[str, Any]:
-        targets = data.get("target_modules")
         init = data.get("init_weights", True)
         return {
             "method": self.name,
@@ -389,10 +388,7 @@ class _LycorisMethod(Method):
             "module_dropout": float(data.get("module_dropout", 0.0)),
             "effective_conv2d": bool(data.get("use_effective_conv2d", False)),
             "init": init if isinstance(init, str) else ("default" if init else "random"),
-            "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
-            "exclude": data.get("exclude_modules"),
-            "layers": data.get("layers_to_transform"),
-            "modules_to_save": data.get("modules_to_save"),
+            **peft_target_fields(data),
             "rank_pattern": data.get("rank_pattern") or None,
             "alpha_pattern": data.get("alpha_pattern") or None,
         }

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from slimtune.bases import add_to_weight, kind_of, sizes, weight_2d
 from slimtune.config import MethodConfig, check_field, config_from_dict
 from slimtune.layer import base_parameters
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, peft_target_fields, register
 
 _INITS = re.compile(r"default|gaussian|olora|pissa(_niter_\d+)?")
 
@@ -454,7 +454,6 @@ class LoraMethod(Method):
                 raise NotImplementedError(f"PEFT adapter with {flag}=true is not supported")
         if data.get("target_parameters"):
             raise NotImplementedError("PEFT adapters with target_parameters are not supported")
-        targets = data.get("target_modules")
         return config_from_dict({
             "method": "dora" if data.get("use_dora") else "lora",
             "r": int(data.get("r", 8)),
@@ -462,10 +461,7 @@ class LoraMethod(Method):
             "dropout": float(data.get("lora_dropout", 0.0)),
             "rslora": bool(data.get("use_rslora", False)),
             "bias": data.get("bias", "none"),
-            "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
-            "exclude": data.get("exclude_modules"),
-            "layers": data.get("layers_to_transform"),
-            "modules_to_save": data.get("modules_to_save"),
+            **peft_target_fields(data),
             "rank_pattern": data.get("rank_pattern") or None,
             "alpha_pattern": data.get("alpha_pattern") or None,
         })

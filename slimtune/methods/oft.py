@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from slimtune.bases import kind_of, sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
 from slimtune.layer import base_parameters
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, peft_target_fields, register
 
 
 def _is_int(value: Any) -> bool:
@@ -445,16 +445,6 @@ def _peft_targets(ctx: PeftContext, method: str) -> None:
                                   f"modules: HF PEFT 0.21's {method} supports Linear only among slimtune's targets")
 
 
-def _common_from_peft(data: dict[str, Any]) -> dict[str, Any]:
-    targets = data.get("target_modules")
-    return {
-        "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
-        "exclude": data.get("exclude_modules"),
-        "layers": data.get("layers_to_transform"),
-        "modules_to_save": data.get("modules_to_save"),
-    }
-
-
 @register
 class OftMethod(Method):
     name, config, shape = "oft", OftConfig, "layer"
@@ -501,7 +491,7 @@ class OftMethod(Method):
                                       "parameterization and cannot be loaded")
         return config_from_dict({
             "method": "oft",
-            **_common_from_peft(data),
+            **peft_target_fields(data),
             "r": int(data.get("r", 0)),
             "block_size": int(data["oft_block_size"]),
             "dropout": float(data.get("module_dropout", 0.0)),
@@ -556,7 +546,7 @@ class BoftMethod(Method):
         """
         return config_from_dict({
             "method": "boft",
-            **_common_from_peft(data),
+            **peft_target_fields(data),
             "block_size": int(data.get("boft_block_size", 4)),
             "block_num": int(data.get("boft_block_num", 0)),
             "n_butterfly_factor": int(data.get("boft_n_butterfly_factor", 1)),

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from slimtune.bases import kind_of, sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
 from slimtune.layer import AdapterLayer, base_parameters
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, peft_target_fields, register
 
 _KEY_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
@@ -220,7 +220,6 @@ class VeraMethod(Method):
     def from_peft(self, data: dict[str, Any]) -> VeraConfig:
         """Our config for an HF PEFT VERA adapter_config.json (`init_weights` only matters before training:
         the vectors come from the file)."""
-        targets = data.get("target_modules")
         return config_from_dict({
             "method": "vera",
             "r": int(data.get("r", 256)),
@@ -229,10 +228,7 @@ class VeraMethod(Method):
             "save_projection": bool(data.get("save_projection", True)),
             "dropout": float(data.get("vera_dropout", 0.0)),
             "bias": data.get("bias", "none"),
-            "targets": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
-            "exclude": data.get("exclude_modules"),
-            "layers": data.get("layers_to_transform"),
-            "modules_to_save": data.get("modules_to_save"),
+            **peft_target_fields(data),
         })
 
 
