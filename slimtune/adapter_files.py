@@ -99,6 +99,7 @@ def load_tensors(tuned, name: str, tensors: dict[str, Tensor], source: str, allo
     slots = {canonical(k): s for k, s in adapter_slots(tuned, name).items()}
     given = {_legacy_saved_key(canonical(k), slots): v for k, v in tensors.items()}
     fingerprint = base_fingerprint(tuned.model)
+    resized = False
     for key, value in given.items():
         _check_values(key, value, source, allow_nonfinite)
         if key not in slots:
@@ -107,7 +108,9 @@ def load_tensors(tuned, name: str, tensors: dict[str, Tensor], source: str, allo
         slot = slots[key]
         if slot.entries is not None and key.endswith(".sparse_index") and slot.entries.index.numel() != value.numel():
             slot.entries.resize(value.numel())
-    slots = {canonical(k): s for k, s in adapter_slots(tuned, name).items()}  # after any resize
+            resized = True
+    if resized:  # sparse entries got new tensors
+        slots = {canonical(k): s for k, s in adapter_slots(tuned, name).items()}
     for key, value in given.items():
         _check_shape(key, value, slots[key], source, fingerprint)
     missing = [k for k in slots if k not in given]
