@@ -101,11 +101,11 @@ def load_tensors(tuned, name: str, tensors: dict[str, Tensor], source: str, allo
     fingerprint = base_fingerprint(tuned.model)
     resized = False
     for key, value in given.items():
-        _check_values(key, value, source, allow_nonfinite)
         if key not in slots:
             raise AdapterLoadError(f"{source}: tensor {key!r} matches nothing in this {type(tuned.model).__name__} "
                                    f"(fingerprint {fingerprint})." + did_you_mean(key, slots))
         slot = slots[key]
+        _check_values(key, value, source, allow_nonfinite, expect_empty=slot.tensor.numel() == 0)
         if slot.entries is not None and key.endswith(".sparse_index") and slot.entries.index.numel() != value.numel():
             slot.entries.resize(value.numel())
             resized = True
@@ -121,8 +121,10 @@ def load_tensors(tuned, name: str, tensors: dict[str, Tensor], source: str, allo
             slots[key].tensor.copy_(value.to(slots[key].tensor.dtype))
 
 
-def _check_values(key: str, value: Tensor, source: str, allow_nonfinite: bool) -> None:
-    if value.numel() == 0:
+def _check_values(key: str, value: Tensor, source: str, allow_nonfinite: bool, expect_empty: bool) -> None:
+    """Refuse non-finite values, and empty tensors where the model expects numbers (a rank pruned to
+    zero is a legitimately empty tensor)."""
+    if value.numel() == 0 and not expect_empty:
         raise AdapterLoadError(f"{source}: tensor {key!r} is empty (shape {tuple(value.shape)}). Files like this "
                                "come from DeepSpeed ZeRO-3 runs that saved without gathering the parameters; "
                                "save again with the parameters gathered\n"
@@ -205,8 +207,8 @@ def save(tuned, name: str, path: Path, format: str = "slimtune") -> None:
     """Write adapter `name` as a folder, in our format or HF PEFT's."""
     if format not in ("slimtune", "peft"):
         raise ConfigError(f"format={format!r}: expected 'slimtune' or 'peft'")
-    method = METHODS[tuned.configs[name].method].method
-    cfg = method.saved_config(tuned.configs[name])
+    cfg = METHODS[tuned.configs[name].method].method.saved_config(tuned.configs[name], tuned.view(name))
+    method = METHODS[cfg.method].method  # the saved config's method owns the file (it may be another method)
     tensors = {k: s.tensor for k, s in adapter_slots(tuned, name, export=True).items()}
     if format == "peft":
         config = method.to_peft(cfg, peft_context(tuned, name))

@@ -94,7 +94,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import slimtune as st
 
-    model = st.load(_load_base_for(args.adapter, args.base), args.adapter)
+    model = st.load(_load_base_for(args.adapter, args.base), args.adapter, rank=args.rank)
     model.save(args.out, format=args.format)
     print(f"{args.format} adapter written to {args.out}")
     return 0
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", help="base model folder (default: the one the adapter records)")
         if verb == "export":
             p.add_argument("--format", default="peft", choices=["peft", "slimtune"])
+            p.add_argument("--rank", type=int, default=None,
+                           help="cut to this rank first (adapters trained with nested ranks, e.g. dylora)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("bench", help="speed and memory ratios vs the frozen base and HF PEFT")

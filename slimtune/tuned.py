@@ -374,6 +374,10 @@ class TunedModel(nn.Module):
                 name in s.entries for s in self._selected.values())
             lines.append(f"{name:<12} {cfg.method:<14} {METHODS[cfg.method].shape:<9} {n_modules:>7} {n_params:>12,} "
                          f"{100 * n_params / max(base_total, 1):>8.3f}%  {'yes' if name in self.active else ''}")
+            info = METHODS[cfg.method]
+            detail = info.method.describe(self.view(name), cfg) if info.has_describe else None
+            if detail:
+                lines.append(f"{'':<12} {detail}")
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
         lines.append(f"trainable now: {trainable:,} of {base_total + trainable:,} "
                      f"({100 * trainable / max(base_total + trainable, 1):.3f}%); base: {base_total:,}")
@@ -496,7 +500,8 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> Tun
     return tuned.add(config, name)
 
 
-def load(model: nn.Module, path: str | Path, name: str = "default", *, allow_nonfinite: bool = False) -> TunedModel:
+def load(model: nn.Module, path: str | Path, name: str = "default", *, allow_nonfinite: bool = False,
+         rank: int | None = None) -> TunedModel:
     """Attach the adapter(s) saved at `path` (ours or HF PEFT's) to `model`.
 
     Subfolders holding an adapter (as `save()` writes for extra adapters) load under their folder name.
@@ -504,7 +509,12 @@ def load(model: nn.Module, path: str | Path, name: str = "default", *, allow_non
 
     Args:
         allow_nonfinite: load tensors holding NaN/inf instead of refusing them.
+        rank: load the adapter cut to this rank (methods trained with nested ranks, e.g. DyLoRA).
+    Raises:
+        NotImplementedError: `rank` given for a method without nested ranks.
     """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"st.load(..., rank={rank!r}): expected an int >= 1")
     path = Path(path)
     tuned = model if isinstance(model, TunedModel) else TunedModel(model)
     entries = [(name, path)]
@@ -512,6 +522,8 @@ def load(model: nn.Module, path: str | Path, name: str = "default", *, allow_non
         entries += sorted((p.name, p) for p in path.iterdir() if (p / CONFIG_NAME).exists())
     for adapter_name, folder in entries:
         cfg, raw, tensors = adapter_files.read_adapter(folder)
+        if rank is not None:
+            cfg, tensors = METHODS[cfg.method].method.choose_rank(cfg, tensors, rank)
         if "peft_type" in raw and cfg.modules_to_save:  # PEFT lists heads of every task type; keep ours
             names = [n for n, _ in tuned.model.named_modules()]
             kept = [e for e in cfg.modules_to_save if any(n == e or n.endswith("." + e) for n in names)]

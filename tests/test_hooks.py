@@ -17,6 +17,7 @@ from slimtune.methods.base import METHODS, LayerAdapter, Method, register
 from tests.conftest import output, tiny_llama
 
 STEPS: list[tuple[str, int, bool]] = []
+GRADS: list[bool] = []  # whether the layer gradients were still there when step() ran
 
 
 @dataclass
@@ -55,6 +56,7 @@ class HookMethod(Method):
 
     def step(self, adapter, cfg, global_step, optimizer):
         STEPS.append((adapter.name, global_step, optimizer is not None))
+        GRADS.append(all(m.g.grad is not None for m in adapter.layers.values()))
 
     def regularizer(self, adapter, cfg):
         if not cfg.penalty:
@@ -66,6 +68,7 @@ class HookMethod(Method):
 def hooks():
     register(HookMethod)
     STEPS.clear()
+    GRADS.clear()
     yield HookConfig
     METHODS.pop("test_hooks")
     _CONFIG_CLASSES.pop("test_hooks")
@@ -116,6 +119,7 @@ def test_st_trainer_calls_step_after_every_optimizer_step_and_adds_the_regulariz
            "output_dir": str(tmp_path / "run")}
     train(cfg)
     assert [s[1:] for s in STEPS] == [(1, True), (2, True), (3, True)]
+    assert GRADS == [True] * 3  # called before zero_grad
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r.get("split", "train") == "train"]
     assert len(losses) == 3 and all(loss > 100 for loss in losses)  # LM loss ~7 plus the penalty
 
@@ -132,3 +136,4 @@ def test_hf_trainer_callback_calls_step(hooks, tmp_path, ids):
                                           remove_unused_columns=False)
     transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SlimtuneCallback()]).train()
     assert [s[1:] for s in STEPS] == [(1, True), (2, True)]
+    assert GRADS == [True] * 2  # on_optimizer_step: before HF Trainer zeroes the gradients

@@ -248,9 +248,22 @@ class Method:
         return []
 
     # -- files --------------------------------------------------------------------------------------
-    def saved_config(self, cfg: MethodConfig) -> MethodConfig:
-        """The config written next to `LayerAdapter.export_tensors()` (PiSSA: the rank-2r LoRA)."""
+    def saved_config(self, cfg: MethodConfig, adapter: AdapterView) -> MethodConfig:
+        """The config written next to `LayerAdapter.export_tensors()`: PiSSA's rank-2r LoRA, the ranks
+        AdaLoRA kept, SoRA's pruned plain LoRA. It may be another method's config (that method then
+        owns the file, its PEFT translation included)."""
         return cfg
+
+    def choose_rank(self, cfg: MethodConfig, tensors: dict[str, Tensor], rank: int
+                    ) -> tuple[MethodConfig, dict[str, Tensor]]:
+        """`st.load(..., rank=k)`: the config and on-disk tensors of the same adapter cut to rank k
+        (DyLoRA's nested ranks). Methods without nested ranks refuse."""
+        raise NotImplementedError(f"st.load(..., rank={rank}): method {self.name!r} has no nested ranks to "
+                                  "choose from; rank= applies to methods trained for every rank (dylora)")
+
+    def describe(self, adapter: AdapterView, cfg: MethodConfig) -> str | None:
+        """One line `summary()` prints under the adapter (AdaLoRA's ranks kept), or None."""
+        return None
 
     def to_peft(self, cfg: MethodConfig, ctx: PeftContext) -> dict[str, Any]:
         raise NotImplementedError(f"format='peft' for method {self.name!r}: HF PEFT has no such method"
@@ -265,8 +278,8 @@ class Method:
     # -- training -----------------------------------------------------------------------------------
     def step(self, adapter: AdapterView, cfg: MethodConfig, global_step: int,
              optimizer: torch.optim.Optimizer | None) -> None:
-        """Called after every optimizer step while the adapter is active (`TunedModel.step`):
-        rank reallocation (AdaLoRA), proximal updates (SoRA), periodic merges (PeriodicLoRA)."""
+        """Called after every optimizer step, before the gradients are zeroed, while the adapter is active
+        (`TunedModel.step`): rank reallocation (AdaLoRA), proximal updates (SoRA), periodic merges."""
 
     def regularizer(self, adapter: AdapterView, cfg: MethodConfig) -> Tensor | None:
         """An extra loss term while the adapter is active (`TunedModel.regularization_loss`), or None."""
@@ -288,6 +301,7 @@ class MethodInfo:
     method: Method
     has_step: bool = False  # overrides Method.step: the engine builds an AdapterView only for these
     has_regularizer: bool = False  # overrides Method.regularizer
+    has_describe: bool = False  # overrides Method.describe
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -300,7 +314,8 @@ def register(cls: type[Method]) -> type[Method]:
     register_config(cls.name, cls.config)
     METHODS[cls.name] = MethodInfo(cls.name, cls.shape, cls.category, cls.params, cls.paper, cls.mergeable,
                                    cls.peft_type, cls.config, cls(), has_step=cls.step is not Method.step,
-                                   has_regularizer=cls.regularizer is not Method.regularizer)
+                                   has_regularizer=cls.regularizer is not Method.regularizer,
+                                   has_describe=cls.describe is not Method.describe)
     return cls
 
 

@@ -32,7 +32,16 @@ from torch import Tensor, nn
 from slimtune.bases import add_to_weight, kind_of, sizes, weight_2d
 from slimtune.config import MethodConfig, check_field, config_from_dict
 from slimtune.layer import base_parameters
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, peft_target_fields, register
+from slimtune.methods.base import (
+    AdapterView,
+    LayerAdapter,
+    Method,
+    PeftContext,
+    Selection,
+    factory,
+    peft_target_fields,
+    register,
+)
 
 _INITS = re.compile(r"default|gaussian|olora|pissa(_niter_\d+)?")
 

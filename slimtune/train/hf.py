@@ -2,8 +2,9 @@
 
     trainer = transformers.Trainer(model=tuned, ..., callbacks=[SlimtuneCallback()])
 
-`TunedModel.step(global_step, optimizer)` runs after every optimizer step (AdaLoRA's rank budget,
-SoRA's proximal update, PeriodicLoRA's merges). Methods with a regulariser need it in the loss:
+`TunedModel.step(global_step, optimizer)` runs after every optimizer step and before the gradients are
+zeroed (AdaLoRA's importance reads them): rank budgets, SoRA's proximal update, PeriodicLoRA's merges.
+Methods with a regulariser need it in the loss:
 `loss = outputs.loss + model.regularization_loss()` in a `compute_loss` override.
 """
 
@@ -15,11 +16,15 @@ from transformers import TrainerCallback
 
 
 class SlimtuneCallback(TrainerCallback):
-    """Calls `model.step(state.global_step, optimizer)` at the end of every optimizer step."""
+    """Calls `model.step(step, optimizer)` after every optimizer step, before the gradients are zeroed.
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
-                    **kwargs: Any) -> None:
+    HF Trainer raises `state.global_step` only after this event, so the step passed is global_step + 1
+    (the number of optimizer steps taken), as st.Trainer passes it.
+    """
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                          **kwargs: Any) -> None:
         tuned = getattr(model, "module", model)  # DDP / accelerate wrappers
         step = getattr(tuned, "step", None)
         if callable(step):
-            step(state.global_step, optimizer)
+            step(state.global_step + 1, optimizer)

@@ -267,7 +267,6 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
-        opt.zero_grad(set_to_none=True)
         return grad_norm
 
     def _loop(self, model, opt, metrics, state, step, total, per_epoch) -> dict[str, Any]:
@@ -300,7 +299,8 @@ class Trainer:
                     continue
                 bad = 0
                 grad_norm = self._optimizer_step(opt, lr)
-                self.model.step(step, opt)  # methods' per-step work (rank budgets, periodic merges)
+                self.model.step(step, opt)  # methods' per-step work; gradients still there (AdaLoRA's importance)
+                opt.zero_grad(set_to_none=True)
                 state["tokens"] += tokens
                 dt = time.perf_counter() - t0
                 state["train_seconds"] = time.perf_counter() - t_start
