@@ -431,7 +431,7 @@ class LoraMethod(Method):
             biases = [n for n in biases if n in wanted]
         return [Selection(n) for n in biases]
 
-    def saved_config(self, cfg: LoraConfig) -> LoraConfig:
+    def saved_config(self, cfg: LoraConfig, adapter: AdapterView) -> LoraConfig:
         return cfg.as_rank_doubled() if cfg.init.startswith("pissa") or cfg.init == "olora" else cfg
 
     def to_peft(self, cfg: LoraConfig, ctx: PeftContext) -> dict[str, Any]:
