@@ -13,6 +13,7 @@ from slimtune.errors import (  # noqa: E402
     TargetNotFoundError,
 )
 from slimtune.methods import METHODS  # noqa: E402
+from slimtune.methods.adalora import AdaLoraConfig  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
 from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
 from slimtune.methods.hra import HRAConfig  # noqa: E402
@@ -26,6 +27,7 @@ from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
 __all__ = [
     "METHODS",
+    "AdaLoraConfig",
     "AdapterLoadError",
     "AdapterNameError",
     "AdapterSaveError",

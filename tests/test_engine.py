@@ -323,6 +323,7 @@ def test_new_adapters_follow_the_models_train_or_eval_mode(ids):
 EXAMPLES = {
     "lora": (tiny_llama, lambda: st.LoraConfig(r=2, targets=["q_proj", "down_proj"])),
     "dora": (tiny_llama, lambda: st.DoraConfig(r=2, targets=["q_proj"])),
+    "adalora": (tiny_llama, lambda: st.AdaLoraConfig(init_r=4, target_r=2, total_step=10, targets=["q_proj"])),
     "ia3": (tiny_llama, lambda: st.IA3Config(targets=["k_proj", "down_proj"], feedforward=["down_proj"])),
     "vera": (tiny_llama, lambda: st.VeraConfig(r=8, targets=["q_proj", "down_proj"])),
     "loha": (tiny_llama, lambda: st.LohaConfig(r=2, targets=["q_proj"])),
