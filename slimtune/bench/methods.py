@@ -15,11 +15,14 @@ from pathlib import Path
 
 import torch
 
-from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, timed_rounds, train_step
+from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, timed_rounds
 
 IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
-METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra")
+METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra",
+           "adalora")
+ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
+PEFT_LACKS = {"bitfit"}  # methods HF PEFT does not have
 
 
 def ours(method: str, shape: dict):
@@ -37,6 +40,7 @@ def ours(method: str, shape: dict):
         "boft": lambda: st.BoftConfig(block_size=4, targets=QV),
         "fourierft": lambda: st.FourierFTConfig(n_frequency=1000, targets=QV),
         "hra": lambda: st.HRAConfig(r=8, targets=QV),
+        "adalora": lambda: st.AdaLoraConfig(init_r=12, target_r=8, total_step=ADALORA_STEPS, targets=QV),
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     return st.attach(base, configs[method]())
@@ -56,8 +60,48 @@ def theirs(method: str, shape: dict):
         "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=QV),
         "fourierft": lambda: peft.FourierFTConfig(n_frequency=1000, target_modules=QV),
         "hra": lambda: peft.HRAConfig(r=8, target_modules=QV),
+        "adalora": lambda: peft.AdaLoraConfig(task_type="CAUSAL_LM", init_r=12, target_r=8, lora_alpha=8,
+                                              total_step=ADALORA_STEPS, target_modules=QV),
     }
     return peft.get_peft_model(base_model(shape), configs[method]())
+
+
+def method_step(model, ids: torch.Tensor, peft_model: bool) -> Callable[[], None]:
+    """One AdamW train step including the method's per-step work (AdaLoRA's allocator, ...):
+    `model.step()` for ours, PEFT's `update_and_allocate` where it has one; the regulariser in the loss."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    count = [0]
+    allocate = getattr(model.base_model, "update_and_allocate", None) if peft_model else None
+
+    def step() -> None:
+        count[0] += 1
+        loss = model(input_ids=ids, labels=ids).loss
+        extra = None if peft_model else model.regularization_loss()
+        (loss if extra is None else loss + extra).backward()
+        opt.step()
+        if not peft_model:
+            model.step(count[0], opt)
+        elif allocate is not None:
+            allocate(count[0])
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_for_backward_mb(run: Callable[[], None]) -> float:
+    """MB of distinct tensors autograd keeps for backward during one step (activations and the frozen
+    weights a matmul saves): the memory a method adds on top of the weights, deterministic on CPU."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values()) / 2**20
 
 
 def trainable(model) -> int:
@@ -76,11 +120,12 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     for method in METHODS:
         model = ours(method, shape)
         params[f"ours_{method}"] = trainable(model)
-        cases[f"ours_{method}"] = train_step(model, ids)
-        if method != "bitfit":  # HF PEFT has no BitFit
+        cases[f"ours_{method}"] = method_step(model, ids, peft_model=False)
+        if method not in PEFT_LACKS:
             model = theirs(method, shape)
             params[f"peft_{method}"] = trainable(model)
-            cases[f"peft_{method}"] = train_step(model, ids)
+            cases[f"peft_{method}"] = method_step(model, ids, peft_model=True)
+    memory = {name: saved_for_backward_mb(run) for name, run in cases.items()}
     seconds = timed_rounds(cases, rounds)
     result = {
         "model": {"arch": "llama", **shape, "dtype": "float32"},
@@ -90,6 +135,7 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
         "torch": torch.__version__,
         "median_seconds": seconds,
         "trainable_params": params,
+        "saved_for_backward_mb": memory,
         "ratios": {f"train_{k}_vs_floor": v / seconds["floor"] for k, v in seconds.items() if k != "floor"},
         "notes": {"bitfit": "base built with attention and MLP biases (Llama has none by default)",
                   "prompt_tuning": f"{VIRTUAL_TOKENS} virtual tokens: each step runs {batch[1] + VIRTUAL_TOKENS} "
@@ -98,8 +144,8 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     from slimtune.io import atomic_write_bytes
 
     atomic_write_bytes(Path(out), (json.dumps(result, indent=2) + "\n").encode())
-    print(f"\n{'case':<24} {'params':>10} {'step / floor':>13}")
+    print(f"\n{'case':<24} {'params':>10} {'step / floor':>13} {'saved MB':>9}")
     for key, ratio in result["ratios"].items():
         case = key.removeprefix("train_").removesuffix("_vs_floor")
-        print(f"{case:<24} {params[case]:>10,} {ratio:>13.3f}")
+        print(f"{case:<24} {params[case]:>10,} {ratio:>13.3f} {memory[case]:>9.1f}")
     return result

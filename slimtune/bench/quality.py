@@ -31,6 +31,8 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "boft": ({"method": "boft", "block_size": 4, "targets": ["query", "value"]}, 1e-3),
     "fourierft": ({"method": "fourierft", "n_frequency": 1000, "targets": ["query", "value"]}, 1e-2),
     "hra": ({"method": "hra", "r": 8, "targets": ["query", "value"]}, 1e-3),
+    "adalora": ({"method": "adalora", "init_r": 12, "target_r": 8, "alpha": 16, "total_step": 150, "tinit": 15,
+                 "tfinal": 30, "targets": ["query", "value"]}, 1e-3),
 }
 
 
