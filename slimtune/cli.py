@@ -104,7 +104,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
     suite = importlib.import_module(f"slimtune.bench.{args.suite}")
-    suite.main(quick=args.quick, out=args.out or f"bench/results/{args.suite}.json", repeats=args.repeats)
+    if args.only and args.suite != "quality":
+        raise SystemExit(f"slimtune bench {args.suite}: --only applies to the quality suite (speed ratios are "
+                         "compared within one run, so every row runs)")
+    kwargs = {"only": args.only.split(",")} if args.only else {}
+    suite.main(quick=args.quick, out=args.out or f"bench/results/{args.suite}.json", repeats=args.repeats, **kwargs)
     return 0
 
 
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "methods: speed, one row per method exemplar; quality: accuracy per method on a real task")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--only", default=None, help="quality: comma-separated methods to (re)run; their rows replace "
+                   "those in the existing result file, the others are kept")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/SUITE.json)")
     p.set_defaults(func=_cmd_bench)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from slimtune.bench.methods import METHODS, PEFT_LACKS
 from slimtune.cli import main
 
@@ -22,3 +24,15 @@ def test_bench_methods_quick_writes_rows_with_matching_parameter_counts(tmp_path
     assert all(r > 0 for r in ratios.values())
     memory = result["saved_for_backward_mb"]
     assert set(memory) == set(params) | {"floor"} and all(m > 0 for m in memory.values())
+
+
+@pytest.mark.slow
+def test_bench_quality_only_reruns_the_named_rows_and_keeps_the_others(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    out.write_text(json.dumps({"rows": {"ia3": {"before": 0.5, "after": 0.6}}}))
+    assert main(["bench", "quality", "--quick", "--repeats", "2", "--only", "lora", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["lora", "ia3"] and rows["ia3"]["after"] == 0.6 and 0 <= rows["lora"]["after"] <= 1
+    assert main(["bench", "quality", "--only", "lorra", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "'lorra': no such row" in err and "Did you mean 'lora'" in err

@@ -51,16 +51,27 @@ def run_one(method: dict[str, Any], lr: float, steps: int, out_dir: Path) -> dic
             "trainable_params": summary.get("trainable_params"), "seconds": time.perf_counter() - t0, "lr": lr}
 
 
-def main(quick: bool = False, out: str = "bench/results/quality.json", repeats: int | None = None) -> dict:
+def main(quick: bool = False, out: str = "bench/results/quality.json", repeats: int | None = None,
+         only: list[str] | None = None) -> dict:
+    """Run every method (or those in `only`, keeping the other rows of an existing `out`)."""
+    from slimtune.errors import ConfigError, did_you_mean
+
     torch.set_num_threads(int(os.environ.get("SLIMTUNE_BENCH_THREADS", "2")))
     steps = repeats or (10 if quick else 150)
+    for name in only or []:
+        if name not in METHODS:
+            raise ConfigError(f"bench quality --only {name!r}: no such row; rows: {', '.join(METHODS)}."
+                              + did_you_mean(name, METHODS))
     print(f"bench quality: MiniLM + Rotten Tomatoes, {steps} steps x batch 16 per method")
-    rows = {}
+    rows = json.loads(Path(out).read_text())["rows"] if only and Path(out).exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (method, lr) in METHODS.items():
+            if only and name not in only:
+                continue
             rows[name] = run_one(method, lr, steps, Path(tmp) / name)
             r = rows[name]
             print(f"  {name:<14} accuracy {r['before']:.3f} -> {r['after']:.3f}  ({r['seconds']:.0f} s)")
+    rows = {name: rows[name] for name in METHODS if name in rows}  # table order
     result = {"task": "rotten_tomatoes (200 held-out)", "model": "all-MiniLM-L6-v2 + fresh head",
               "steps": steps, "batch": 16, "rows": rows}
     from slimtune.io import atomic_write_bytes
