@@ -208,17 +208,26 @@ class Lora(LowRank):
     def branch(self, x: Tensor, A: Tensor, B: Tensor, base: nn.Module) -> Tensor:
         return ((x.to(A.dtype) @ A.T) @ B.T) * self.scale
 
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """(A, B, s) of delta_W = s * B @ A as forward uses them; DyLoRA cuts them, SoRA gates B."""
+        return self.A, self.B, self.scale
+
     def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
+        A, B, s = self.factors()
         h = x if self.drop is None else self.drop(x)
-        h = h.to(self.A.dtype) @ self.A.T  # (..., r); B @ A is never formed
-        return _add_low_rank(base_out, h, self.B, self.scale)
+        h = h.to(A.dtype) @ A.T  # (..., r); B @ A is never formed
+        return _add_low_rank(base_out, h, B, s)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        A, B, s = self.factors()
+        return s * (B @ A)
 
     def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor | None:
         """Base and adapter in one autograd node (see _LoraLinear); None where it does not apply."""
         W = kind_of(base).matmul_weight(base)  # (d_out, d_in), None for kinds without a plain matmul
         if W is None or (self.drop is not None and self.training) or x.dtype != self.A.dtype or W.dtype != x.dtype:
             return None
-        return _LoraLinear.apply(x, W, base.bias, self.A, self.B, self.scale)
+        return _LoraLinear.apply(x, W, base.bias, *self.factors())
 
     # -- mixed batches: rows routed to different adapters of one rank in one bmm --------------
     @property
@@ -228,8 +237,9 @@ class Lora(LowRank):
     @staticmethod
     def stack(adapters: list[Lora]) -> tuple[Tensor, Tensor]:
         """(k, d_in, r) and (k, r, d_out) stacks with each adapter's scale folded into B."""
-        A = torch.stack([a.A.T for a in adapters])
-        B = torch.stack([(a.B * a.scale).T for a in adapters])
+        factors = [a.factors() for a in adapters]
+        A = torch.stack([A.T for A, _, _ in factors])
+        B = torch.stack([(B * s).T for _, B, s in factors])
         return A, B
 
     @staticmethod
@@ -343,7 +353,7 @@ class LoraConv(LowRank):
         self._conv = F.conv2d if base.weight.dim() == 4 else F.conv1d
 
     def branch(self, x: Tensor, A: Tensor, B: Tensor, base: nn.Module) -> Tensor:
-        h = self._conv(x.to(A.dtype), A, None, base.stride, base.padding, base.dilation)
+        h = base._conv_forward(x.to(A.dtype), A, None)  # the base's stride, padding and padding_mode
         return self._conv(h, B) * self.scale
 
 

@@ -1,0 +1,191 @@
+"""The method contract, checked for every registered method on every model family it supports.
+
+One table (`EXAMPLES`: an example id -> a base maker, an input and a config) fed to the same checks:
+non-trivial adapters change the output; `disabled()` is the base bit for bit; save -> load is exact;
+gradients reach exactly the trainable tensors; `.to()` reaches every adapter; merge equals the unmerged
+forward and unmerge gives the weights back; `detach(merge=True)` is a plain model with the same output;
+`detach()` gives back the untouched base. Per-method files keep only what is specific to a method.
+A registered method without an example fails `test_every_registered_method_has_an_example`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import slimtune as st
+from slimtune.layer import AdapterLayer, SavedModule
+from slimtune.methods import METHODS
+from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+MERGE_TOL = 1e-4  # fp32 logits ~ O(1) and float64 after .to(): merged vs unmerged (absolute and relative)
+W_TOL = 1e-6  # weights after merge + unmerge (multiplicative merges divide back)
+LINEARS = {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"], "bert": ["query", "output.dense"]}
+FEEDFORWARD = {"llama": ["down_proj"], "gpt2": ["mlp.c_proj"], "bert": r".*\.layer\.\d+\.output\.dense"}
+FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def with_biases(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """The same model with non-zero biases (GPT-2 and BERT start them at 0), so scaling them is seen."""
+    def build() -> nn.Module:
+        model = make()
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        return model
+    return build
+
+
+def conv_model() -> nn.Sequential:
+    """3x3 conv (stride 2, reflect padding), grouped 3x3 and 1x1: UNet-like cases."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="reflect"), nn.ReLU(),
+                         nn.Conv2d(6, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 12, 1)).eval()
+
+
+IMAGES = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(5))
+
+
+@dataclass
+class Example:
+    make: Callable[[], nn.Module]
+    config: Callable[[], st.MethodConfig]
+    images: bool = False  # the model takes IMAGES instead of token ids
+    exact_atol: float = 0.0  # disabled() and save -> load are bit-exact, except where the base holds a residual
+
+
+def per_family(config: Callable[[str], st.MethodConfig], families=("llama", "gpt2", "bert"),
+               biases: bool = False) -> dict[str, Example]:
+    return {fam: Example(with_biases(FAMILIES[fam]) if biases else FAMILIES[fam], lambda f=fam: config(f))
+            for fam in families}
+
+
+def table() -> dict[str, Example]:
+    t = {}
+
+    def add(method: str, examples: dict[str, Example]) -> None:
+        t.update({f"{method}-{k}": v for k, v in examples.items()})
+
+    add("lora", per_family(lambda f: st.LoraConfig(r=2, targets=LINEARS[f])))
+    add("lora", {"pissa": Example(tiny_llama, lambda: st.LoraConfig(r=2, init="pissa", targets=["q_proj"]),
+                                  exact_atol=2e-5),  # base = W0 - BA; saved as a rank-2r LoRA against W0
+                 "bias_all": Example(with_biases(tiny_gpt2),
+                                     lambda: st.LoraConfig(r=2, bias="all", targets=["c_attn"])),
+                 "conv": Example(conv_model, lambda: st.LoraConfig(r=2, targets=["0", "4"]), images=True)})
+    add("dora", per_family(lambda f: st.DoraConfig(r=2, targets=LINEARS[f])))
+    add("adalora", per_family(lambda f: st.AdaLoraConfig(init_r=4, target_r=2, total_step=10, targets=LINEARS[f])))
+    add("ia3", per_family(lambda f: st.IA3Config(targets=LINEARS[f], feedforward=FEEDFORWARD[f]), biases=True))
+    add("vera", per_family(lambda f: st.VeraConfig(r=8, targets=LINEARS[f])))
+    add("vera", {"no_projection": Example(tiny_llama, lambda: st.VeraConfig(r=8, save_projection=False,
+                                                                             targets=LINEARS["llama"]))})
+    for method, config in (("loha", st.LohaConfig), ("lokr", st.LokrConfig)):
+        add(method, per_family(lambda f, c=config: c(r=2, targets=LINEARS[f]), families=("llama", "gpt2")))
+        add(method, {"conv": Example(conv_model, lambda c=config: c(r=2, targets=["0", "2", "4"]), images=True),
+                     "conv_effective": Example(conv_model, lambda c=config: c(r=2, targets=["0", "2", "4"],
+                                                                              effective_conv2d=True), images=True)})
+    add("oft", per_family(lambda f: st.OftConfig(block_size=16, targets=LINEARS[f])))
+    add("oft", {"neumann": Example(tiny_gpt2, lambda: st.OftConfig(block_size=8, neumann=True, targets=["c_attn"])),
+                "share": Example(tiny_gpt2, lambda: st.OftConfig(r=4, block_size=0, block_share=True,
+                                                                 targets=LINEARS["gpt2"]))})
+    add("boft", per_family(lambda f: st.BoftConfig(block_size=4, targets=LINEARS[f])))
+    add("boft", {"butterfly": Example(tiny_llama, lambda: st.BoftConfig(block_size=4, n_butterfly_factor=3,
+                                                                         targets=["q_proj"]))})
+    add("fourierft", per_family(lambda f: st.FourierFTConfig(n_frequency=50, targets=LINEARS[f])))
+    add("hra", per_family(lambda f: st.HRAConfig(r=2, targets=LINEARS[f])))
+    add("prompt_tuning", per_family(lambda f: st.PromptTuningConfig(num_virtual_tokens=3)))
+    add("bitfit", per_family(lambda f: st.BitFitConfig(), families=("gpt2", "bert"), biases=True))
+    return t
+
+
+EXAMPLES = table()
+
+
+def run(model: nn.Module, example: Example, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IMAGES.to(next(model.parameters()).dtype)) if example.images else model(input_ids=ids).logits
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def perturb(model: st.TunedModel) -> None:
+    """Every trainable tensor moved off its init (so no check passes because B = 0 or E = 0)."""
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+
+
+def test_every_registered_method_has_an_example():
+    covered = {ex.config().method for ex in EXAMPLES.values()}
+    assert covered == {n for n in METHODS if not n.startswith("test_")}
+
+
+@pytest.mark.parametrize("example_id", EXAMPLES)
+def test_contract(example_id, ids, tmp_path):
+    ex = EXAMPLES[example_id]
+    ref, original = run(ex.make(), ex, ids), base_state(ex.make())
+    model = st.attach(ex.make(), ex.config())
+    visited = []
+    model.apply(visited.append)  # nn.Module.apply reaches every adapter module (none shadows it)
+    assert len(visited) == len(list(model.modules()))
+    perturb(model)
+    adapted = run(model, ex, ids)
+    assert not torch.allclose(adapted, ref)
+    with model.disabled():
+        torch.testing.assert_close(run(model, ex, ids), ref, atol=ex.exact_atol, rtol=0)
+    model.save(tmp_path / "a")
+    loaded = st.load(ex.make(), tmp_path / "a")
+    torch.testing.assert_close(run(loaded, ex, ids), adapted, atol=ex.exact_atol, rtol=0)
+    check_gradients(model, ex, ids)
+    if METHODS[model.configs["default"].method].mergeable:
+        check_merge(model, ex, ids, adapted)
+        plain = loaded.detach(merge=True)
+        assert not any(isinstance(m, (AdapterLayer, SavedModule)) for m in plain.modules())
+        torch.testing.assert_close(run(plain, ex, ids), adapted, atol=MERGE_TOL, rtol=MERGE_TOL)
+    check_moves(model, ex, ids, adapted)
+    plain = model.to(torch.float32).detach()
+    assert set(plain.state_dict()) == set(original)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, original[k], atol=W_TOL, rtol=W_TOL, msg=k)
+
+
+def check_gradients(model: st.TunedModel, ex: Example, ids: torch.Tensor) -> None:
+    """Gradients reach every trainable tensor and nothing else; the trainable ones are the adapter's."""
+    model.train()
+    out = model(IMAGES) if ex.images else model(input_ids=ids).logits
+    out.float().pow(2).mean().backward()
+    trainable = {n for n, _ in model.trainable_parameters()}
+    assert trainable and all(_is_adapter(n) for n in trainable), trainable
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def _is_adapter(name: str) -> bool:
+    return any(part in name for part in (".adapters.", "shared.", "inputs.", "selections.", ".modules_to_save."))
+
+
+def check_merge(model: st.TunedModel, ex: Example, ids: torch.Tensor, adapted: torch.Tensor) -> None:
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters() if not _is_adapter(n)}
+    model.merge()
+    torch.testing.assert_close(run(model, ex, ids), adapted, atol=MERGE_TOL, rtol=MERGE_TOL)
+    model.unmerge()
+    for n, p in model.model.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], atol=W_TOL, rtol=W_TOL, msg=n)
+    torch.testing.assert_close(run(model, ex, ids), adapted, atol=MERGE_TOL, rtol=MERGE_TOL)
+
+
+def check_moves(model: st.TunedModel, ex: Example, ids: torch.Tensor, adapted: torch.Tensor) -> None:
+    """`.to()` reaches every adapter tensor, and the adapted model computes the same in float64."""
+    model.to(torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    torch.testing.assert_close(run(model, ex, ids).float(), adapted, atol=MERGE_TOL, rtol=MERGE_TOL)
