@@ -15,6 +15,7 @@ from slimtune.errors import (  # noqa: E402
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.adalora import AdaLoraConfig  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
+from slimtune.methods.dylora import DyLoraConfig  # noqa: E402
 from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
 from slimtune.methods.hra import HRAConfig  # noqa: E402
 from slimtune.methods.ia3 import IA3Config  # noqa: E402
@@ -22,6 +23,7 @@ from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
+from slimtune.methods.sora import SoraConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
@@ -35,6 +37,7 @@ __all__ = [
     "BoftConfig",
     "ConfigError",
     "DoraConfig",
+    "DyLoraConfig",
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
@@ -45,6 +48,7 @@ __all__ = [
     "OftConfig",
     "PromptTuningConfig",
     "SlimtuneError",
+    "SoraConfig",
     "TargetNotFoundError",
     "TunedModel",
     "VeraConfig",

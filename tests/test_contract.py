@@ -80,6 +80,12 @@ def table() -> dict[str, Example]:
                  "conv": Example(conv_model, lambda: st.LoraConfig(r=2, targets=["0", "4"]), images=True)})
     add("dora", per_family(lambda f: st.DoraConfig(r=2, targets=LINEARS[f])))
     add("adalora", per_family(lambda f: st.AdaLoraConfig(init_r=4, target_r=2, total_step=10, targets=LINEARS[f])))
+    add("dylora", per_family(lambda f: st.DyLoraConfig(r=4, r_min=2, targets=LINEARS[f])))
+    add("dylora", {"frozen_eval3": Example(tiny_llama, lambda: st.DyLoraConfig(r=4, frozen_lower=True, eval_rank=3,
+                                                                                targets=LINEARS["llama"]))})
+    add("sora", per_family(lambda f: st.SoraConfig(r=2, targets=LINEARS[f])))
+    add("sora", {"rslora": Example(tiny_gpt2, lambda: st.SoraConfig(r=3, alpha=5.0, rslora=True,
+                                                                     targets=LINEARS["gpt2"]))})
     add("ia3", per_family(lambda f: st.IA3Config(targets=LINEARS[f], feedforward=FEEDFORWARD[f]), biases=True))
     add("vera", per_family(lambda f: st.VeraConfig(r=8, targets=LINEARS[f])))
     add("vera", {"no_projection": Example(tiny_llama, lambda: st.VeraConfig(r=8, save_projection=False,

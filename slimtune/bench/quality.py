@@ -33,6 +33,8 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "hra": ({"method": "hra", "r": 8, "targets": ["query", "value"]}, 1e-3),
     "adalora": ({"method": "adalora", "init_r": 12, "target_r": 8, "alpha": 16, "total_step": 150, "tinit": 15,
                  "tfinal": 30, "targets": ["query", "value"]}, 1e-3),
+    "dylora": ({"method": "dylora", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 1e-3),
+    "sora": ({"method": "sora", "r": 8, "alpha": 16, "sparsity": 0.4, "targets": ["query", "value"]}, 1e-3),
 }
 
 
