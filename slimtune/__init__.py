@@ -14,6 +14,7 @@ from slimtune.errors import (  # noqa: E402
 )
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.adalora import AdaLoraConfig  # noqa: E402
+from slimtune.methods.aflora import AfloraConfig  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
 from slimtune.methods.dylora import DyLoraConfig  # noqa: E402
 from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
@@ -21,7 +22,9 @@ from slimtune.methods.hra import HRAConfig  # noqa: E402
 from slimtune.methods.ia3 import IA3Config  # noqa: E402
 from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
+from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
+from slimtune.methods.periodic_lora import PeriodicLoraConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.methods.sora import SoraConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
@@ -30,6 +33,7 @@ from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 __all__ = [
     "METHODS",
     "AdaLoraConfig",
+    "AfloraConfig",
     "AdapterLoadError",
     "AdapterNameError",
     "AdapterSaveError",
@@ -44,8 +48,10 @@ __all__ = [
     "LohaConfig",
     "LokrConfig",
     "LoraConfig",
+    "LoraSPConfig",
     "MethodConfig",
     "OftConfig",
+    "PeriodicLoraConfig",
     "PromptTuningConfig",
     "SlimtuneError",
     "SoraConfig",

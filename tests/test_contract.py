@@ -86,6 +86,9 @@ def table() -> dict[str, Example]:
     add("sora", per_family(lambda f: st.SoraConfig(r=2, targets=LINEARS[f])))
     add("sora", {"rslora": Example(tiny_gpt2, lambda: st.SoraConfig(r=3, alpha=5.0, rslora=True,
                                                                      targets=LINEARS["gpt2"]))})
+    add("periodic_lora", per_family(lambda f: st.PeriodicLoraConfig(r=2, period=2, targets=LINEARS[f])))
+    add("lora_sp", per_family(lambda f: st.LoraSPConfig(r=2, targets=LINEARS[f])))
+    add("aflora", per_family(lambda f: st.AfloraConfig(r=2, total_step=10, targets=LINEARS[f])))
     add("ia3", per_family(lambda f: st.IA3Config(targets=LINEARS[f], feedforward=FEEDFORWARD[f]), biases=True))
     add("vera", per_family(lambda f: st.VeraConfig(r=8, targets=LINEARS[f])))
     add("vera", {"no_projection": Example(tiny_llama, lambda: st.VeraConfig(r=8, save_projection=False,

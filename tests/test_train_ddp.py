@@ -15,9 +15,16 @@ from test_train_fixtures import text_rows, tiny_llama_dir, write_jsonl
 TOLERANCE = 1e-5  # float32 all-reduce (a + b) / 2 vs one mean over the combined batch: rounding only
 
 
-def _config(d: Path, out: Path, batch_size: int) -> Path:
+METHODS = {
+    "lora": {"method": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+    # freezes A and B of 2, then 3, then all 4 modules over the 3 steps: DDP must accept that
+    "aflora": {"method": "aflora", "r": 4, "total_step": 3, "targets": ["q_proj", "v_proj"]},
+}
+
+
+def _config(d: Path, out: Path, batch_size: int, method: dict) -> Path:
     cfg = {"model": {"name": str(d / "llama")},
-           "method": {"method": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+           "method": method,
            "data": {"task": "causal_lm", "train": str(d / "lm.jsonl"), "max_length": 16, "eval_size": 2},
            "train": {"max_steps": 3, "batch_size": batch_size, "lr": 1e-2, "progress": False, "eval_before": False},
            "output_dir": str(out)}
@@ -27,13 +34,14 @@ def _config(d: Path, out: Path, batch_size: int) -> Path:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Linux/macOS")
-def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_two_process_ddp_equals_one_process_with_the_combined_batch(method, tmp_path):
     tiny_llama_dir(tmp_path / "llama")
     write_jsonl(tmp_path / "lm.jsonl", text_rows(40))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    one = [sys.executable, "-m", "slimtune", "train", str(_config(tmp_path, tmp_path / "one", batch_size=4))]
+    one = [sys.executable, "-m", "slimtune", "train", str(_config(tmp_path, tmp_path / "one", 4, METHODS[method]))]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "slimtune", "train", str(_config(tmp_path, tmp_path / "two", batch_size=2))]
+           "-m", "slimtune", "train", str(_config(tmp_path, tmp_path / "two", 2, METHODS[method]))]
     for cmd in (one, two):
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]

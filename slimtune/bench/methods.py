@@ -19,10 +19,10 @@ from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, 
 
 IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra",
-           "adalora", "dylora", "sora")
+           "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
-PEFT_LACKS = {"bitfit", "dylora", "sora"}  # methods HF PEFT does not have
+PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora"}  # methods HF PEFT does not have
 
 
 def ours(method: str, shape: dict):
@@ -43,6 +43,9 @@ def ours(method: str, shape: dict):
         "adalora": lambda: st.AdaLoraConfig(init_r=12, target_r=8, total_step=ADALORA_STEPS, targets=QV),
         "dylora": lambda: st.DyLoraConfig(r=16, alpha=32, targets=QV),
         "sora": lambda: st.SoraConfig(r=16, alpha=32, targets=QV),
+        "periodic_lora": lambda: st.PeriodicLoraConfig(r=16, alpha=32, period=100, targets=QV),
+        "lora_sp": lambda: st.LoraSPConfig(r=16, alpha=32, targets=QV),
+        "aflora": lambda: st.AfloraConfig(r=4, total_step=ADALORA_STEPS, targets=QV),  # timed steps score, none freeze
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     return st.attach(base, configs[method]())

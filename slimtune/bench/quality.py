@@ -35,6 +35,11 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
                  "tfinal": 30, "targets": ["query", "value"]}, 1e-3),
     "dylora": ({"method": "dylora", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 1e-3),
     "sora": ({"method": "sora", "r": 8, "alpha": 16, "sparsity": 0.4, "targets": ["query", "value"]}, 1e-3),
+    "periodic_lora": ({"method": "periodic_lora", "r": 8, "alpha": 16, "period": 50, "targets": ["query", "value"]},
+                      1e-3),
+    "lora_sp": ({"method": "lora_sp", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 1e-3),
+    "aflora": ({"method": "aflora", "r": 4, "total_step": 150, "tinit": 15, "tfinal": 30,
+                "targets": ["query", "value"]}, 1e-3),
 }
 
 

@@ -2,6 +2,7 @@
 
 from slimtune.methods import (  # noqa: F401
     adalora,
+    aflora,
     bitfit,
     dylora,
     fourierft,
@@ -9,7 +10,9 @@ from slimtune.methods import (  # noqa: F401
     ia3,
     loha_lokr,
     lora,
+    lora_sp,
     oft,
+    periodic_lora,
     prompt_tuning,
     sora,
     vera,

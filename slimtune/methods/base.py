@@ -217,6 +217,9 @@ class Method:
     peft_type: ClassVar[str | None] = None  # HF PEFT's name, when PEFT has the method
     #: True: only linear base kinds (Linear, GPT-2 Conv1D, a registered quantized Linear); the engine refuses others
     linear_only: ClassVar[bool] = False
+    #: True when `step` freezes tensors during training (AFLoRA): data-parallel training must then
+    #: tolerate parameters that stop receiving gradients (DDP's find_unused_parameters)
+    changes_trainable: ClassVar[bool] = False
     #: prefix of module tensors on disk: HF PEFT writes "base_model." for prompt-learning methods
     module_prefix: ClassVar[str] = PEFT_PREFIX
 

@@ -185,8 +185,13 @@ class Trainer:
             return self.model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        from slimtune.methods import METHODS
+
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(self.model, device_ids=ids)  # registers (and syncs) only params that require grad
+        freezes = any(METHODS[self.model.configs[n].method].method.changes_trainable for n in self.model.active)
+        # registers (and syncs) only params that require grad; a method that freezes some later needs
+        # DDP to accept parameters without gradients
+        return DDP(self.model, device_ids=ids, find_unused_parameters=freezes)
 
     def _micro_batch(self, consumed: int, per_epoch: int, perms: dict[int, torch.Tensor]) -> dict:
         tc = self.config.train
