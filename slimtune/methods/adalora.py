@@ -164,17 +164,11 @@ class AdaLora(LayerAdapter):
         return {"A": self.A[keep], "E": self.E[keep], "B": self.B[:, keep]}
 
     # -- the rank allocator's per-layer parts ------------------------------------------------------
-    @torch.no_grad()
     def update_importance(self, beta1: float, beta2: float) -> None:
         """EMA of |w * grad| and of its deviation, per entry of A, E, B."""
         for name in ("A", "E", "B"):
-            p = getattr(self, name)
-            if p.grad is None:
-                continue
-            ipt = (p * p.grad).abs()
-            avg, unc = getattr(self, f"_ipt_{name}"), getattr(self, f"_unc_{name}")
-            avg.mul_(beta1).add_(ipt, alpha=1 - beta1)
-            unc.mul_(beta2).add_((ipt - avg).abs(), alpha=1 - beta2)
+            update_importance(getattr(self, name), getattr(self, f"_ipt_{name}"), getattr(self, f"_unc_{name}"),
+                              beta1, beta2)
 
     @torch.no_grad()
     def triplet_scores(self) -> Tensor:
@@ -199,6 +193,17 @@ class AdaLora(LayerAdapter):
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
             out.append(torch.linalg.matrix_norm(cov - eye))
         return out
+
+
+@torch.no_grad()
+def update_importance(p: Tensor, avg: Tensor, unc: Tensor, beta1: float, beta2: float) -> None:
+    """One step of AdaLoRA's importance EMAs for parameter `p`, in place (nothing where `p` has no gradient):
+    I = |p * grad|,  avg <- beta1 avg + (1 - beta1) I,  unc <- beta2 unc + (1 - beta2) |I - avg|."""
+    if p.grad is None:
+        return
+    ipt = (p * p.grad).abs()
+    avg.mul_(beta1).add_(ipt, alpha=1 - beta1)
+    unc.mul_(beta2).add_((ipt - avg).abs(), alpha=1 - beta2)
 
 
 def budget(step: int, initial: int, target: int, cfg: AdaLoraConfig) -> tuple[int, bool]:
@@ -340,4 +345,4 @@ class AdaLoraMethod(Method):
         })
 
 
-__all__ = ["AdaLora", "AdaLoraConfig", "AdaLoraMethod", "budget", "mask_to_budget"]
+__all__ = ["AdaLora", "AdaLoraConfig", "AdaLoraMethod", "budget", "mask_to_budget", "update_importance"]

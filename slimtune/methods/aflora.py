@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.config import MethodConfig, check_field
+from slimtune.methods.adalora import update_importance
 from slimtune.methods.base import AdapterView, LayerAdapter, factory, register
 from slimtune.methods.lora import Lora, LoraConfig, LoraMethod
 
@@ -121,15 +122,10 @@ class Aflora(Lora):
         A, B, _ = self.factors()
         return {"A": A, "B": B}
 
-    @torch.no_grad()
     def update_score(self, beta1: float, beta2: float) -> None:
-        """One EMA step of I_bar and U_bar from the gradients of this step (skipped where there are none)."""
+        """One EMA step of I_bar and U_bar from the gradients of this step (AdaLoRA's importance)."""
         for p, ipt, unc in ((self.A, self.A_ipt, self.A_unc), (self.B, self.B_ipt, self.B_unc)):
-            if p.grad is None:
-                continue
-            sensitivity = (p * p.grad).abs()
-            ipt.mul_(beta1).add_(sensitivity, alpha=1 - beta1)
-            unc.mul_(beta2).add_((sensitivity - ipt).abs(), alpha=1 - beta2)
+            update_importance(p, ipt, unc, beta1, beta2)
 
     def score(self) -> float:
         """mean(I_bar * U_bar) over A's and B's entries."""
