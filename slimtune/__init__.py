@@ -14,8 +14,10 @@ from slimtune.errors import (  # noqa: E402
 )
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.adalora import AdaLoraConfig  # noqa: E402
+from slimtune.methods.adapters import BottleneckConfig  # noqa: E402
 from slimtune.methods.aflora import AfloraConfig  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
+from slimtune.methods.compacter import CompacterConfig  # noqa: E402
 from slimtune.methods.dylora import DyLoraConfig  # noqa: E402
 from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
 from slimtune.methods.hra import HRAConfig  # noqa: E402
@@ -27,6 +29,7 @@ from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.periodic_lora import PeriodicLoraConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.methods.sora import SoraConfig  # noqa: E402
+from slimtune.methods.ssf import SsfConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
@@ -39,6 +42,8 @@ __all__ = [
     "AdapterSaveError",
     "BitFitConfig",
     "BoftConfig",
+    "BottleneckConfig",
+    "CompacterConfig",
     "ConfigError",
     "DoraConfig",
     "DyLoraConfig",
@@ -55,6 +60,7 @@ __all__ = [
     "PromptTuningConfig",
     "SlimtuneError",
     "SoraConfig",
+    "SsfConfig",
     "TargetNotFoundError",
     "TunedModel",
     "VeraConfig",

@@ -33,7 +33,7 @@ class BaseKind:
     mergeable: bool = True  # write_weight() keeps the module exact
 
     def matches(self, module: nn.Module) -> bool:
-        return type(module) in self.types or isinstance(module, self.types)
+        return bool(self.types) and (type(module) in self.types or isinstance(module, self.types))
 
     def sizes(self, module: nn.Module) -> tuple[int, int]:
         """(d_in, d_out): input and output features (Embedding: vocabulary size, embedding dim)."""
@@ -99,6 +99,49 @@ class ConvKind(BaseKind):
         return module.in_channels, module.out_channels
 
 
+class FfnBlockKind(BaseKind):
+    """A transformer FFN block (LlamaMLP, GPT2MLP, ...: a class named "...MLP" holding linear layers).
+
+    Lets an adapter see the block's input and output (parallel adapters). Sizes: d_in of its first linear
+    layer, d_out of its last. No single weight, so nothing merges into it; once a block is wrapped, the
+    linear layers inside it are not targets for adapters added later.
+    """
+
+    name, linear, mergeable = "ffn_block", False, False
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module).__name__.lower().endswith("mlp") and len(_linears(module)) >= 2
+
+    def sizes(self, module: nn.Module) -> tuple[int, int]:
+        first, last = _linears(module)[0], _linears(module)[-1]
+        return kind_of(first).sizes(first)[0], kind_of(last).sizes(last)[1]
+
+    def weight(self, module: nn.Module) -> Tensor:
+        raise NotImplementedError(f"{type(module).__name__} is an FFN block: it has no single weight to merge into")
+
+    def write_weight(self, module: nn.Module, value: Tensor) -> None:
+        self.weight(module)
+
+    def adapter_dtype(self, module: nn.Module) -> torch.dtype:
+        first = _linears(module)[0]
+        return kind_of(first).adapter_dtype(first)
+
+    def device(self, module: nn.Module) -> torch.device:
+        first = _linears(module)[0]
+        return kind_of(first).device(first)
+
+
+def _linears(module: nn.Module) -> list[nn.Module]:
+    """The direct children of `module` that are linear layers (seen through wrappers), in order."""
+    out = []
+    for child in module.children():
+        child = getattr(child, "base_layer", child)
+        kind = base_kind(child)
+        if kind is not None and kind.linear:
+            out.append(child)
+    return out
+
+
 BASE_KINDS: list[BaseKind] = []
 
 
@@ -108,9 +151,8 @@ def register_base(kind: BaseKind, first: bool = False) -> BaseKind:
     return kind
 
 
-for _kind in (LinearKind(), GPT2Conv1DKind(), EmbeddingKind(), ConvKind()):
-    if _kind.types:
-        register_base(_kind)
+for _kind in (LinearKind(), GPT2Conv1DKind(), EmbeddingKind(), ConvKind(), FfnBlockKind()):
+    register_base(_kind)
 
 
 def base_kind(module: nn.Module) -> BaseKind | None:
@@ -125,7 +167,7 @@ def kind_of(module: nn.Module) -> BaseKind:
     """Like base_kind(), raising a clear TypeError for modules that cannot be wrapped."""
     kind = base_kind(module)
     if kind is None:
-        names = ", ".join(t.__name__ for k in BASE_KINDS for t in k.types)
+        names = ", ".join([t.__name__ for k in BASE_KINDS for t in k.types] + ["FFN blocks (classes named ...MLP)"])
         raise TypeError(f"cannot wrap {type(module).__name__}; wrappable modules: {names}")
     return kind
 

@@ -107,6 +107,13 @@ def table() -> dict[str, Example]:
                                                                          targets=["q_proj"]))})
     add("fourierft", per_family(lambda f: st.FourierFTConfig(n_frequency=50, targets=LINEARS[f])))
     add("hra", per_family(lambda f: st.HRAConfig(r=2, targets=LINEARS[f])))
+    add("bottleneck", per_family(lambda f: st.BottleneckConfig.houlsby(layer_norm="both", scaling="learned")))
+    add("bottleneck", {"pfeiffer_drop": Example(tiny_llama, lambda: st.BottleneckConfig.pfeiffer(drop_layers=1))})
+    add("bottleneck", {f"parallel-{k}": v for k, v in per_family(lambda f: st.BottleneckConfig.parallel(),
+                                                                   families=("llama", "gpt2")).items()})
+    add("compacter", per_family(lambda f: st.CompacterConfig(reduction_factor=16)))  # m = 4 at d = 64
+    add("ssf", per_family(lambda f: st.SsfConfig(targets=LINEARS[f]), biases=True))
+    add("ssf", {"all_linear_no_bias": Example(tiny_llama, lambda: st.SsfConfig())})  # merge adds biases
     add("prompt_tuning", per_family(lambda f: st.PromptTuningConfig(num_virtual_tokens=3)))
     add("bitfit", per_family(lambda f: st.BitFitConfig(), families=("gpt2", "bert"), biases=True))
     return t

@@ -19,10 +19,11 @@ from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, 
 
 IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra",
-           "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora")
+           "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
-PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora"}  # methods HF PEFT does not have
+PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora",  # methods HF PEFT does not have
+              "bottleneck", "compacter", "ssf"}
 
 
 def ours(method: str, shape: dict):
@@ -46,6 +47,9 @@ def ours(method: str, shape: dict):
         "periodic_lora": lambda: st.PeriodicLoraConfig(r=16, alpha=32, period=100, targets=QV),
         "lora_sp": lambda: st.LoraSPConfig(r=16, alpha=32, targets=QV),
         "aflora": lambda: st.AfloraConfig(r=4, total_step=ADALORA_STEPS, targets=QV),  # timed steps score, none freeze
+        "bottleneck": lambda: st.BottleneckConfig.pfeiffer(),  # after every down_proj, m = d/16
+        "compacter": lambda: st.CompacterConfig(variant="compacter++"),  # after every down_proj, m = d/32, n = 4
+        "ssf": lambda: st.SsfConfig(targets=QV),
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     return st.attach(base, configs[method]())

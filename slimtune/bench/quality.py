@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+FFN_OUT = r".*\.layer\.\d+\.output\.dense"  # BERT's feed-forward output (not attention.output.dense)
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "lora": ({"method": "lora", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 1e-3),
     "ia3": ({"method": "ia3", "targets": r".*\.(key|value|layer\.\d+\.output\.dense)",  # k, v, FFN out
@@ -40,6 +41,9 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "lora_sp": ({"method": "lora_sp", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 1e-3),
     "aflora": ({"method": "aflora", "r": 4, "total_step": 150, "tinit": 15, "tfinal": 30,
                 "targets": ["query", "value"]}, 1e-3),
+    "bottleneck": ({"method": "bottleneck", "targets": FFN_OUT}, 1e-3),  # Pfeiffer: after each FFN
+    "compacter": ({"method": "compacter", "variant": "compacter++", "targets": FFN_OUT}, 3e-3),
+    "ssf": ({"method": "ssf", "targets": ["query", "key", "value", "dense"]}, 1e-2),
 }
 
 

@@ -2,8 +2,10 @@
 
 from slimtune.methods import (  # noqa: F401
     adalora,
+    adapters,
     aflora,
     bitfit,
+    compacter,
     dylora,
     fourierft,
     hra,
@@ -15,6 +17,7 @@ from slimtune.methods import (  # noqa: F401
     periodic_lora,
     prompt_tuning,
     sora,
+    ssf,
     vera,
 )
 from slimtune.methods.base import METHODS, InputAdapter, LayerAdapter, Method, MethodInfo, Selection, register
