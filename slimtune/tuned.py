@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +123,16 @@ class TunedModel(nn.Module):
             self._state.routing = None
 
     # -- adapters ----------------------------------------------------------------------------
-    def add(self, config: MethodConfig, name: str = "default", *, init: bool = True) -> TunedModel:
+    def add(self, config: MethodConfig, name: str = "default", *, init: bool = True,
+            data: Iterable[dict] | None = None) -> TunedModel:
         """Attach a new adapter. The first one becomes active; later ones wait for `use()`.
 
         Every module is built before any is installed, so a failure leaves the model as it was.
 
         Args:
             init: run the method's data-dependent init (SVD of the base, sampled vocabulary...); `st.load` passes False.
+            data: calibration batches (dicts of model keyword arguments, with labels) for methods that choose
+                what to train from gradients (FishMask, child-tuning); ignored by the others.
         Raises:
             AdapterNameError: the name is taken or not an identifier.
             TargetNotFoundError: the config's targets match no module.
@@ -142,12 +145,15 @@ class TunedModel(nn.Module):
         info = METHODS.get(config.method)
         if info is None or not isinstance(config, info.config):
             raise ConfigError(f"{type(config).__name__} is not a registered method config")
+        if info.method.needs_data and init and data is None:
+            raise ConfigError(f"{type(config).__name__} chooses what to train from gradients: pass calibration "
+                              "batches, st.attach(model, config, data=batches) (slimtune train does it)")
         saved = self._resolve_modules_to_save(config)
         targets = find_targets(self.model, config, skip=set(saved)) if info.method.uses_targets(config) else []
         shared = info.method.build_shared(self.model, config, targets, init)
         layers = {t: self._build_layer(info, t, config, init, shared) for t in targets}
         input_adapter = info.method.build_input(self.model, config, init)
-        selections = self._build_selections(info, config, targets, init, saved)
+        selections = self._build_selections(info, config, targets, init, saved, data)
         for module in [*layers.values(), input_adapter, shared, *(entries for *_, entries in selections)]:
             if module is not None:
                 module.train(self.model.training)  # new modules follow the model's mode (dropout off in eval)
@@ -188,13 +194,14 @@ class TunedModel(nn.Module):
                               f"d_in={d_in}, d_out={d_out}): {e}") from e
 
     def _build_selections(self, info: MethodInfo, config: MethodConfig, targets: list[str], init: bool,
-                          saved: list[str]) -> list[tuple[str, nn.Module, str, TunedEntries]]:
+                          saved: list[str], data: Iterable[dict] | None
+                          ) -> list[tuple[str, nn.Module, str, TunedEntries]]:
         """Entries to train for the method's selections; tensors of modules this adapter trains in full
         (`modules_to_save`) are left to the full copy."""
         base_names = {adapter_files.canonical(n): n for n, _ in self.model.named_parameters()
                       if not adapter_files.is_adapter_tensor(n)}
         out = []
-        for sel in info.method.select(self.model, config, targets, init):
+        for sel in info.method.select(self.model, config, targets, init, data):
             if not isinstance(sel, Selection):
                 raise TypeError(f"{info.name}.select() must return Selection objects, got {type(sel).__name__}")
             key = adapter_files.canonical(sel.name)
@@ -349,10 +356,12 @@ class TunedModel(nn.Module):
         """Adapter `name`'s modules: per wrapped layer, the shared state, the input adapter."""
         name = self._one_name(name)
         layers = {n: m for n, m in self._layers(named=True) if name in m.adapters}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        selections = {names[id(s.base)]: s.entries[name] for s in self._selected.values() if name in s.entries}
         return AdapterView(name, {n: m.adapters[name] for n, m in layers.items()},
                            {n: m.base_layer for n, m in layers.items()},
                            self.shared[name] if name in self.shared else None,
-                           self.inputs[name] if name in self.inputs else None)
+                           self.inputs[name] if name in self.inputs else None, selections)
 
     # -- inspection --------------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -494,10 +503,14 @@ class TunedModel(nn.Module):
                 module.requires_grad_(name in active)  # their fixed tensors are buffers
 
 
-def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> TunedModel:
-    """Wrap `model` in place with one adapter; only adapter parameters are trainable afterwards."""
+def attach(model: nn.Module, config: MethodConfig, name: str = "default", *,
+           data: Iterable[dict] | None = None) -> TunedModel:
+    """Wrap `model` in place with one adapter; only adapter parameters are trainable afterwards.
+
+    `data`: calibration batches for methods that choose what to train from gradients (see `TunedModel.add`).
+    """
     tuned = model if isinstance(model, TunedModel) else TunedModel(model)
-    return tuned.add(config, name)
+    return tuned.add(config, name, data=data)
 
 
 def load(model: nn.Module, path: str | Path, name: str = "default", *, allow_nonfinite: bool = False,

@@ -137,3 +137,55 @@ def test_hf_trainer_callback_calls_step(hooks, tmp_path, ids):
     transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SlimtuneCallback()]).train()
     assert [s[1:] for s in STEPS] == [(1, True), (2, True)]
     assert GRADS == [True] * 2  # on_optimizer_step: before HF Trainer zeroes the gradients
+
+
+# -- data-dependent selections --------------------------------------------------------------------------
+SEEN: list[list[dict]] = []
+
+
+@dataclass
+class DataConfig(MethodConfig):
+    pass
+
+
+class DataMethod(Method):
+    """Selects the q_proj weight of layer 0; records the calibration batches it was given."""
+
+    name, config, shape, category, mergeable, needs_data = "test_data", DataConfig, "selective", "test", True, True
+
+    def select(self, model, cfg, targets, init=True, data=None):
+        SEEN.append(list(data) if data is not None else None)
+        return [st.methods.Selection("model.layers.0.self_attn.q_proj.weight")]
+
+
+@pytest.fixture
+def data_method():
+    register(DataMethod)
+    SEEN.clear()
+    yield DataConfig
+    METHODS.pop("test_data")
+    _CONFIG_CLASSES.pop("test_data")
+
+
+def test_methods_that_need_data_get_the_batches_and_say_so_without_them(data_method, ids):
+    with pytest.raises(st.ConfigError, match=r"calibration batches.*data=batches"):
+        st.attach(tiny_llama(), data_method())
+    batches = [{"input_ids": ids, "labels": ids}]
+    model = st.attach(tiny_llama(), data_method(), data=batches)
+    assert SEEN == [batches]
+    assert list(model.view("default").selections) == ["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_slimtune_train_passes_its_first_training_batches(data_method, tmp_path):
+    from slimtune.train import train
+
+    tiny_llama_dir(tmp_path / "llama")
+    write_jsonl(tmp_path / "lm.jsonl", text_rows(24))
+    cfg = {"model": {"name": str(tmp_path / "llama")}, "method": {"method": "test_data"},
+           "data": {"task": "causal_lm", "train": str(tmp_path / "lm.jsonl"), "max_length": 32, "eval_size": 4},
+           "train": {"max_steps": 1, "batch_size": 4, "calibration_batches": 3, "lr": 1e-3, "progress": False,
+                     "eval_before": False},
+           "output_dir": str(tmp_path / "run")}
+    train(cfg)
+    assert len(SEEN) == 1 and len(SEEN[0]) == 3
+    assert all(b["input_ids"].shape[0] == 4 and "labels" in b and "attention_mask" in b for b in SEEN[0])

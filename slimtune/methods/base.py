@@ -16,6 +16,7 @@ See docs/architecture.md ("Adding a method") for a walk-through.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -167,6 +168,7 @@ class AdapterView:
     bases: dict[str, nn.Module]  # wrapped module name -> the base module
     shared: nn.Module | None = None
     input: InputAdapter | None = None
+    selections: dict[str, nn.Module] = field(default_factory=dict)  # base tensor name -> its TunedEntries
 
 
 @dataclass
@@ -217,6 +219,9 @@ class Method:
     peft_type: ClassVar[str | None] = None  # HF PEFT's name, when PEFT has the method
     #: True: only linear base kinds (Linear, GPT-2 Conv1D, a registered quantized Linear); the engine refuses others
     linear_only: ClassVar[bool] = False
+    #: True when `select` needs calibration batches (`st.attach(..., data=batches)`); `slimtune train` passes
+    #: the first `calibration_batches` training batches
+    needs_data: ClassVar[bool] = False
     #: True when `step` freezes tensors during training (AFLoRA): data-parallel training must then
     #: tolerate parameters that stop receiving gradients (DDP's find_unused_parameters)
     changes_trainable: ClassVar[bool] = False
@@ -245,9 +250,12 @@ class Method:
     def build_input(self, model: nn.Module, cfg: MethodConfig, init: bool = True) -> InputAdapter | None:
         return None
 
-    def select(self, model: nn.Module, cfg: MethodConfig, targets: list[str], init: bool = True) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: MethodConfig, targets: list[str], init: bool = True,
+               data: Iterable[dict] | None = None) -> list[Selection]:
         """Base tensors to train. `targets`: the modules wrapped for this adapter (layer shape).
-        `init=False` when loading: data-dependent masks then come from the file (`sparse=True`)."""
+        `init=False` when loading: data-dependent masks then come from the file (`sparse=True`).
+        `data`: batches (dicts of model keyword arguments, with labels) given to `st.attach(..., data=)`,
+        for masks chosen from gradients (FishMask, child-tuning); methods with `needs_data` require it."""
         return []
 
     # -- files --------------------------------------------------------------------------------------

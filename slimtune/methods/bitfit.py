@@ -11,6 +11,7 @@ only them; merging writes them into the base.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,8 @@ class BitFitMethod(Method):
     category, params, paper = "selective", "sum of the chosen biases' sizes", "arXiv:2106.10199"
     mergeable = True
 
-    def select(self, model: nn.Module, cfg: BitFitConfig, targets: list[str], init: bool = True) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: BitFitConfig, targets: list[str], init: bool = True,
+               data: Iterable[dict] | None = None) -> list[Selection]:
         owners = [n.removesuffix(".bias") for n, _ in base_parameters(model) if n.endswith(".bias")]
         chosen = [o for o in owners if cfg.targets is None or matches(o, cfg.targets)]
         if cfg.exclude:

@@ -13,6 +13,7 @@ l is stored in HF PEFT's shape, so `ia3_l` tensors load and save as they are.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -164,7 +165,8 @@ class IA3Method(Method):
         """`cfg` is resolved for this module: `cfg.feedforward` is True or False."""
         return IA3(base, feedforward=cfg.feedforward is True)
 
-    def select(self, model: nn.Module, cfg: IA3Config, targets: list[str], init: bool = True) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: IA3Config, targets: list[str], init: bool = True,
+               data: Iterable[dict] | None = None) -> list[Selection]:
         """Nothing to select; checks, with every target known, that `feedforward` names some of them."""
         _check_feedforward_hits(cfg, targets)
         return []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -431,7 +432,8 @@ class LoraMethod(Method):
             return LoraConv(base, cfg, init)
         return Lora(base, cfg, init)
 
-    def select(self, model: nn.Module, cfg: LoraConfig, targets: list[str], init: bool = True) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: LoraConfig, targets: list[str], init: bool = True,
+               data: Iterable[dict] | None = None) -> list[Selection]:
         """The `bias` option: biases of the wrapped modules ("lora_only") or of the whole model ("all")."""
         if cfg.bias == "none":
             return []

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -457,7 +458,8 @@ class OftMethod(Method):
                     shared: nn.Module | None = None) -> LayerAdapter:
         return Oft(base, cfg)
 
-    def select(self, model: nn.Module, cfg: OftConfig, targets: list[str], init: bool = True) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: OftConfig, targets: list[str], init: bool = True,
+               data: Iterable[dict] | None = None) -> list[Selection]:
         """The `bias` option: biases of the wrapped modules ("oft_only") or of the whole model ("all")."""
         return _bias_selection(model, cfg.bias, targets)
 
@@ -515,7 +517,8 @@ class BoftMethod(Method):
                     shared: nn.Module | None = None) -> LayerAdapter:
         return Boft(base, cfg)
 
-    def select(self, model: nn.Module, cfg: BoftConfig, targets: list[str], init: bool = True) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: BoftConfig, targets: list[str], init: bool = True,
+               data: Iterable[dict] | None = None) -> list[Selection]:
         return _bias_selection(model, cfg.bias, targets)
 
     def to_peft(self, cfg: BoftConfig, ctx: PeftContext) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Parameters per module: r + d_out; the projections are buffers, written once per 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,7 +190,8 @@ class VeraMethod(Method):
             raise ValueError("VeRA layers need the adapter's shared projections (Method.build_shared)")
         return Vera(base, cfg, shared)
 
-    def select(self, model: nn.Module, cfg: VeraConfig, targets: list[str], init: bool = True) -> list[Selection]:
+    def select(self, model: nn.Module, cfg: VeraConfig, targets: list[str], init: bool = True,
+               data: Iterable[dict] | None = None) -> list[Selection]:
         """The `bias` option: biases of the wrapped modules ("vera_only") or of the whole model ("all")."""
         if cfg.bias == "none":
             return []

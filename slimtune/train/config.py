@@ -94,11 +94,12 @@ class TrainSection:
     keep_last: int = 2  # checkpoints kept on disk
     max_bad_steps: int = 5  # consecutive non-finite losses before aborting
     progress: bool = True  # progress bar (rank 0 only)
+    calibration_batches: int = 8  # training batches shown to methods that pick what to train from gradients
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
             _check(getattr(self, name) >= 0, self, name, "an int >= 0")
-        for name in ("batch_size", "grad_accum", "log_every", "keep_last", "max_bad_steps"):
+        for name in ("batch_size", "grad_accum", "log_every", "keep_last", "max_bad_steps", "calibration_batches"):
             _check(getattr(self, name) >= 1, self, name, "an int >= 1")
         _check(self.max_steps > 0 or self.epochs > 0, self, "epochs", "> 0 when max_steps is 0")
         _check(self.lr > 0, self, "lr", "a float > 0, e.g. 1e-4")

@@ -49,8 +49,10 @@ def model_kind(cfg: TrainConfig) -> str:
     return "sequence_classification" if cfg.data.task == "classification" else "causal_lm"
 
 
-def build_model(cfg: TrainConfig, data: TaskData, base: nn.Module | None = None):
-    """Load the base model (unless given) and attach the configured method; returns the TunedModel."""
+def build_model(cfg: TrainConfig, data: TaskData, base: nn.Module | None = None, pad: int = 0):
+    """Load the base model (unless given) and attach the configured method; returns the TunedModel.
+
+    `pad`: the tokenizer's padding id, for the calibration batches of methods that need data."""
     import slimtune as st
 
     if base is None:
@@ -68,7 +70,20 @@ def build_model(cfg: TrainConfig, data: TaskData, base: nn.Module | None = None)
     if cfg.data.task == "classification" and not method.get("modules_to_save"):
         heads = [n for n in CLASSIFIER_HEADS if isinstance(getattr(base, n, None), nn.Module)]
         method["modules_to_save"] = heads  # a fresh classification head must be trained too
-    return st.attach(base, st.config_from_dict(method))
+    config = st.config_from_dict(method)
+    needs_data = st.METHODS[config.method].method.needs_data
+    return st.attach(base, config, data=calibration_batches(cfg, data, base, pad) if needs_data else None)
+
+
+def calibration_batches(cfg: TrainConfig, data: TaskData, base: nn.Module, pad: int) -> list[dict]:
+    """The first `train.calibration_batches` training batches (in data order), on the base's device."""
+    from slimtune.train.data import collate
+
+    device = next(base.parameters()).device
+    size, count = cfg.train.batch_size, cfg.train.calibration_batches
+    rows = data.train[: size * count]
+    batches = [collate(rows[i : i + size], pad) for i in range(0, len(rows), size)]
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def pad_id(tokenizer) -> int:

@@ -121,7 +121,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # adapter init: identical on every rank
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model.name)
         self.data: TaskData = load_data(config, self.tokenizer)
-        self.model = build_model(config, self.data, model).to(self.device)
+        self.model = build_model(config, self.data, model, pad_id(self.tokenizer)).to(self.device)
         hf_config = getattr(self.model, "config", None)
         if hf_config is not None and getattr(hf_config, "pad_token_id", 0) is None:
             hf_config.pad_token_id = pad_id(self.tokenizer)  # decoder classifiers find the last real token by it
