@@ -33,7 +33,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "fourierft": ({"method": "fourierft", "n_frequency": 1000, "targets": ["query", "value"]}, 1e-2),
     "hra": ({"method": "hra", "r": 8, "targets": ["query", "value"]}, 1e-3),
     "adalora": ({"method": "adalora", "init_r": 12, "target_r": 8, "alpha": 16, "total_step": 150, "tinit": 15,
-                 "tfinal": 30, "targets": ["query", "value"]}, 1e-3),
+                 "tfinal": 30, "targets": ["query", "value"]}, 1e-2),  # E starts at 0: small early gradients
     "dylora": ({"method": "dylora", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 1e-3),
     "sora": ({"method": "sora", "r": 8, "alpha": 16, "sparsity": 0.4, "targets": ["query", "value"]}, 1e-3),
     "periodic_lora": ({"method": "periodic_lora", "r": 8, "alpha": 16, "period": 50, "targets": ["query", "value"]},
