@@ -29,7 +29,6 @@ from slimtune.io import CONFIG_NAME
 from slimtune.layer import AdapterLayer, AdapterState, SavedModule
 from slimtune.methods.base import METHODS, AdapterView, LayerAdapter, MethodInfo, Selection
 from slimtune.selection import SelectedTensor, TunedEntries, install_property, owner_and_attr, remove_property
-from slimtune.targets import find_targets
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -149,7 +148,7 @@ class TunedModel(nn.Module):
             raise ConfigError(f"{type(config).__name__} chooses what to train from gradients: pass calibration "
                               "batches, st.attach(model, config, data=batches) (slimtune train does it)")
         saved = self._resolve_modules_to_save(config)
-        targets = find_targets(self.model, config, skip=set(saved)) if info.method.uses_targets(config) else []
+        targets = info.method.find_targets(self.model, config, set(saved))
         shared = info.method.build_shared(self.model, config, targets, init)
         layers = {t: self._build_layer(info, t, config, init, shared) for t in targets}
         input_adapter = info.method.build_input(self.model, config, init)
@@ -294,7 +293,7 @@ class TunedModel(nn.Module):
         """Fold the active adapters into the base weights in place (no-op where already merged)."""
         for name in self._state.active:
             info = METHODS[self.configs[name].method]
-            if not info.mergeable:
+            if not info.method.is_mergeable(self.configs[name]):
                 raise NotImplementedError(f"adapter {name!r} ({info.name}, {info.shape} shape) cannot be merged: it "
                                           "changes what the model computes, not its weights")
         for selected in self._selected.values():  # first: layer merges (a scaled bias) build on them

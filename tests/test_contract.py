@@ -160,7 +160,7 @@ def test_contract(example_id, ids, tmp_path):
     loaded = st.load(ex.make(), tmp_path / "a")
     torch.testing.assert_close(run(loaded, ex, ids), adapted, atol=ex.exact_atol, rtol=0)
     check_gradients(model, ex, ids)
-    if METHODS[model.configs["default"].method].mergeable:
+    if METHODS[model.configs["default"].method].method.is_mergeable(model.configs["default"]):
         check_merge(model, ex, ids, adapted)
         plain = loaded.detach(merge=True)
         assert not any(isinstance(m, (AdapterLayer, SavedModule)) for m in plain.modules())

@@ -229,9 +229,18 @@ class Method:
     module_prefix: ClassVar[str] = PEFT_PREFIX
 
     # -- attaching --------------------------------------------------------------------------------
-    def uses_targets(self, cfg: MethodConfig) -> bool:
-        """Whether the engine should wrap `cfg.targets` with `build_layer`."""
-        return self.shape == "layer"
+    def find_targets(self, model: nn.Module, cfg: MethodConfig, skip: set[str]) -> list[str]:
+        """Full names of the modules to wrap with `build_layer` (default: `cfg.targets` for the layer
+        shape, none otherwise). A hybrid returns the union of its parts'. `skip`: modules trained in full."""
+        if self.shape != "layer":
+            return []
+        from slimtune.targets import find_targets
+
+        return find_targets(model, cfg, skip=skip)
+
+    def is_mergeable(self, cfg: MethodConfig) -> bool:
+        """Whether an adapter with this config can merge (default: the class's `mergeable`; a hybrid asks its parts)."""
+        return self.mergeable
 
     def build_shared(self, model: nn.Module, cfg: MethodConfig, targets: list[str], init: bool = True
                      ) -> nn.Module | None:
