@@ -15,6 +15,7 @@ from slimtune.errors import (  # noqa: E402
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.adalora import AdaLoraConfig  # noqa: E402
 from slimtune.methods.adapters import BottleneckConfig  # noqa: E402
+from slimtune.methods.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from slimtune.methods.aflora import AfloraConfig  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
 from slimtune.methods.compacter import CompacterConfig  # noqa: E402
@@ -26,7 +27,9 @@ from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
+from slimtune.methods.p_tuning import PTuningConfig  # noqa: E402
 from slimtune.methods.periodic_lora import PeriodicLoraConfig  # noqa: E402
+from slimtune.methods.prefix_tuning import PrefixTuningConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.methods.sora import SoraConfig  # noqa: E402
 from slimtune.methods.ssf import SsfConfig  # noqa: E402
@@ -36,6 +39,7 @@ from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 __all__ = [
     "METHODS",
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "AfloraConfig",
     "AdapterLoadError",
     "AdapterNameError",
@@ -56,7 +60,9 @@ __all__ = [
     "LoraSPConfig",
     "MethodConfig",
     "OftConfig",
+    "PTuningConfig",
     "PeriodicLoraConfig",
+    "PrefixTuningConfig",
     "PromptTuningConfig",
     "SlimtuneError",
     "SoraConfig",

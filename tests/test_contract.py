@@ -115,6 +115,16 @@ def table() -> dict[str, Example]:
     add("ssf", per_family(lambda f: st.SsfConfig(targets=LINEARS[f]), biases=True))
     add("ssf", {"all_linear_no_bias": Example(tiny_llama, lambda: st.SsfConfig())})  # merge adds biases
     add("prompt_tuning", per_family(lambda f: st.PromptTuningConfig(num_virtual_tokens=3)))
+    add("p_tuning", per_family(lambda f: st.PTuningConfig(num_virtual_tokens=3)))
+    add("p_tuning", {"lstm": Example(tiny_llama, lambda: st.PTuningConfig(num_virtual_tokens=3, encoder="lstm",
+                                                                         encoder_hidden_size=8)),
+                     "direct": Example(tiny_gpt2, lambda: st.PTuningConfig(num_virtual_tokens=3, encoder=None))})
+    add("prefix_tuning", per_family(lambda f: st.PrefixTuningConfig(num_virtual_tokens=3)))
+    add("prefix_tuning", {"projection": Example(tiny_llama, lambda: st.PrefixTuningConfig(
+        num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8))})
+    add("adaption_prompt", per_family(lambda f: st.AdaptionPromptConfig(adapter_len=3), families=("llama", "gpt2")))
+    add("adaption_prompt", {"top1": Example(tiny_llama, lambda: st.AdaptionPromptConfig(adapter_len=3,
+                                                                                       adapter_layers=1))})
     add("bitfit", per_family(lambda f: st.BitFitConfig(), families=("gpt2", "bert"), biases=True))
     return t
 

@@ -77,6 +77,14 @@ def test_generate_continues_what_forward_predicts(arch, ids):
 
 
 @pytest.mark.parametrize("arch", DECODERS)
+def test_generate_without_cache_equals_with_cache(arch, ids):
+    """use_cache=False embeds the whole sequence again every step: the prompt goes in every time."""
+    model = attach(DECODERS[arch])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(input_ids=ids, **kw), model.generate(input_ids=ids, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("arch", DECODERS)
 def test_generate_left_padded_batch_equals_rows_alone(arch):
     torch.manual_seed(1)
     long, short = torch.randint(2, VOCAB, (1, 8)), torch.randint(2, VOCAB, (1, 5))

@@ -19,7 +19,8 @@ from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, 
 
 IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra",
-           "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf")
+           "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf",
+           "p_tuning", "prefix_tuning", "adaption_prompt")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
 PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora",  # methods HF PEFT does not have
@@ -50,6 +51,9 @@ def ours(method: str, shape: dict):
         "bottleneck": lambda: st.BottleneckConfig.pfeiffer(),  # after every down_proj, m = d/16
         "compacter": lambda: st.CompacterConfig(variant="compacter++"),  # after every down_proj, m = d/32, n = 4
         "ssf": lambda: st.SsfConfig(targets=QV),
+        "p_tuning": lambda: st.PTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS),
+        "prefix_tuning": lambda: st.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS),
+        "adaption_prompt": lambda: st.AdaptionPromptConfig(adapter_len=10),
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     return st.attach(base, configs[method]())
@@ -71,6 +75,10 @@ def theirs(method: str, shape: dict):
         "hra": lambda: peft.HRAConfig(r=8, target_modules=QV),
         "adalora": lambda: peft.AdaLoraConfig(task_type="CAUSAL_LM", init_r=12, target_r=8, lora_alpha=8,
                                               total_step=ADALORA_STEPS, target_modules=QV),
+        "p_tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
+        "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
+        "adaption_prompt": lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=10,
+                                                             adapter_layers=shape["num_hidden_layers"]),
     }
     return peft.get_peft_model(base_model(shape), configs[method]())
 

@@ -44,6 +44,8 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "bottleneck": ({"method": "bottleneck", "targets": FFN_OUT}, 1e-3),  # Pfeiffer: after each FFN
     "compacter": ({"method": "compacter", "variant": "compacter++", "targets": FFN_OUT}, 3e-3),
     "ssf": ({"method": "ssf", "targets": ["query", "key", "value", "dense"]}, 1e-2),
+    "p_tuning": ({"method": "p_tuning", "num_virtual_tokens": 20}, 1e-3),
+    "prefix_tuning": ({"method": "prefix_tuning", "num_virtual_tokens": 20}, 1e-2),
 }
 
 

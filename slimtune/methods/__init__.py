@@ -3,6 +3,7 @@
 from slimtune.methods import (  # noqa: F401
     adalora,
     adapters,
+    adaption_prompt,
     aflora,
     bitfit,
     compacter,
@@ -14,7 +15,9 @@ from slimtune.methods import (  # noqa: F401
     lora,
     lora_sp,
     oft,
+    p_tuning,
     periodic_lora,
+    prefix_tuning,
     prompt_tuning,
     sora,
     ssf,

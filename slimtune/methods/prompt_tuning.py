@@ -74,15 +74,22 @@ class SoftPrompt(InputAdapter):
         self.embedding = nn.Parameter(torch.zeros(self.p, words.embedding_dim, dtype=dtype, device=words.weight.device))
         self._placeholder = _placeholder_id(model)
         self._pending = False  # the next input-embedding call of this model call takes the prompt
+        self._every_call = False  # generate(use_cache=False): every step embeds the whole sequence again
+        self._generation_config = None
         self._placeholders_in_output = False
         self._handle = None
         if init:
             with torch.no_grad():
                 self.embedding.copy_(_initial_prompt(words, cfg))
 
+    def virtual_tokens(self) -> Tensor:
+        """The (p, d) embeddings put in place of the placeholders (P-tuning computes them)."""
+        return self.embedding
+
     # -- hooks --------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         self._handle = _input_embeddings(model).register_forward_hook(self._put_prompt)
+        self._generation_config = getattr(model, "generation_config", None)
 
     def detach(self, model: nn.Module) -> None:
         if self._handle is not None:
@@ -90,14 +97,14 @@ class SoftPrompt(InputAdapter):
             self._handle = None
 
     def _put_prompt(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        if not self._pending or output.dim() != 3 or output.shape[1] < self.p:
+        if not (self._pending or self._every_call) or output.dim() != 3 or output.shape[1] < self.p:
             return output
         self._pending = False
-        prompt = self.embedding.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
+        prompt = self.virtual_tokens().to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
         return torch.cat([prompt, output[:, self.p:]], dim=1)
 
     def end_call(self) -> None:
-        self._pending = False
+        self._pending = self._every_call = False
 
     # -- the model call ---------------------------------------------------------------------------
     def prepare(self, kwargs: dict[str, Any], rows: Tensor | None) -> dict[str, Any]:
@@ -107,7 +114,7 @@ class SoftPrompt(InputAdapter):
         kwargs = dict(kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None:
-            prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            prompt = self.virtual_tokens().to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
             kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
             ref = embeds[..., 0]
         else:
@@ -147,7 +154,9 @@ class SoftPrompt(InputAdapter):
             pad = kwargs.get("pad_token_id")
             ids = kwargs["input_ids"]
             kwargs["attention_mask"] = (ids != pad).long() if pad is not None else torch.ones_like(ids)
-        return self.prepare(kwargs, rows)
+        kwargs = self.prepare(kwargs, rows)
+        self._every_call = self._pending and not _uses_cache(kwargs, self._generation_config)
+        return kwargs
 
     def finish_generate(self, output: Any) -> Any:
         self._pending = False
@@ -162,6 +171,14 @@ class SoftPrompt(InputAdapter):
     def _extend(self, t: Tensor, value: int) -> Tensor:
         head = torch.full((t.shape[0], self.p), value, dtype=t.dtype, device=t.device)
         return torch.cat([head, t], dim=1)
+
+
+def _uses_cache(kwargs: dict[str, Any], model_config: Any) -> bool:
+    """Whether this generate() call decodes with a KV cache (its kwargs, else its or the model's generation config)."""
+    if kwargs.get("use_cache") is not None:
+        return bool(kwargs["use_cache"])
+    config = kwargs.get("generation_config") or model_config
+    return getattr(config, "use_cache", True) is not False
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding:
@@ -214,22 +231,9 @@ class PromptTuningMethod(Method):
     def build_input(self, model: nn.Module, cfg: PromptTuningConfig, init: bool = True) -> SoftPrompt:
         return SoftPrompt(model, cfg, init)
 
-
     def to_peft(self, cfg: PromptTuningConfig, ctx: PeftContext) -> dict[str, Any]:
-        if ctx.task_type is None or (ctx.task_type in ("SEQ_CLS", "TOKEN_CLS") and not ctx.modules_to_save):
-            raise NotImplementedError(
-                f"format='peft' for prompt tuning of a {type(ctx.model).__name__}: HF PEFT applies prompts only "
-                "for a known task type, and for classifiers expects the head in modules_to_save "
-                "(e.g. modules_to_save=['classifier'])")
-        text = _text_config(ctx.model)
         return {
-            **ctx.common("PROMPT_TUNING"),
-            "num_virtual_tokens": cfg.num_virtual_tokens,
-            "token_dim": _input_embeddings(ctx.model).embedding_dim,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": _first(text, "num_attention_heads", "n_head"),
-            "num_layers": _first(text, "num_hidden_layers", "n_layer"),
-            "modules_to_save": ctx.modules_to_save,
+            **prompt_learning_fields(ctx, "PROMPT_TUNING", cfg.num_virtual_tokens),
             "prompt_tuning_init": _PEFT_INITS[cfg.init],
             "prompt_tuning_init_text": cfg.init_text,
             "tokenizer_name_or_path": cfg.tokenizer,
@@ -244,6 +248,29 @@ class PromptTuningMethod(Method):
         return config_from_dict({"method": "prompt_tuning", "num_virtual_tokens": int(data["num_virtual_tokens"]),
                                  "init": "random" if init == "text" else init,
                                  "modules_to_save": data.get("modules_to_save")})
+
+
+def prompt_learning_fields(ctx: PeftContext, peft_type: str, num_virtual_tokens: int) -> dict[str, Any]:
+    """The adapter_config.json fields HF PEFT's prompt-learning configs share (prompt tuning, P-tuning, prefix).
+
+    Raises:
+        NotImplementedError: no task type, or a classifier without its head in modules_to_save.
+    """
+    if ctx.task_type is None or (ctx.task_type in ("SEQ_CLS", "TOKEN_CLS") and not ctx.modules_to_save):
+        raise NotImplementedError(
+            f"format='peft' for {peft_type} on a {type(ctx.model).__name__}: HF PEFT applies prompts only "
+            "for a known task type, and for classifiers expects the head in modules_to_save "
+            "(e.g. modules_to_save=['classifier'])")
+    text = _text_config(ctx.model)
+    return {
+        **ctx.common(peft_type),
+        "num_virtual_tokens": num_virtual_tokens,
+        "token_dim": _input_embeddings(ctx.model).embedding_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": _first(text, "num_attention_heads", "n_head"),
+        "num_layers": _first(text, "num_hidden_layers", "n_layer"),
+        "modules_to_save": ctx.modules_to_save,
+    }
 
 
 def _text_config(model: nn.Module | None) -> Any:
