@@ -170,6 +170,7 @@ def test_contract(example_id, ids, tmp_path):
     loaded = st.load(ex.make(), tmp_path / "a")
     torch.testing.assert_close(run(loaded, ex, ids), adapted, atol=ex.exact_atol, rtol=0)
     check_gradients(model, ex, ids)
+    check_fused_paths(model)
     if METHODS[model.configs["default"].method].method.is_mergeable(model.configs["default"]):
         check_merge(model, ex, ids, adapted)
         plain = loaded.detach(merge=True)
@@ -192,6 +193,32 @@ def check_gradients(model: st.TunedModel, ex: Example, ids: torch.Tensor) -> Non
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
     model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def check_fused_paths(model: st.TunedModel) -> None:
+    """Where a layer adapter offers a fused base + adapter node, it equals the unfused forward, gradients too."""
+    from slimtune.bases import kind_of
+
+    model.train()
+    for layer in (m for m in model.modules() if isinstance(m, AdapterLayer)):
+        base = layer.base_layer
+        if not kind_of(base).linear:
+            continue
+        x = torch.randn(2, 3, kind_of(base).sizes(base)[0], generator=torch.Generator().manual_seed(0))
+        for adapter in layer.adapters.values():
+            fused = adapter.fused_forward(x, base)
+            if fused is None:
+                continue
+            params = [p for p in adapter.parameters() if p.requires_grad]
+            want = adapter.forward(x, base(x), base)
+            g_fused = torch.autograd.grad(fused.pow(2).sum(), params, allow_unused=True)
+            g_want = torch.autograd.grad(want.pow(2).sum(), params, allow_unused=True)
+            torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)
+            for a, b in zip(g_fused, g_want, strict=True):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     model.eval()
 
 

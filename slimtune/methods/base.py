@@ -360,6 +360,18 @@ def method_for_peft_type(peft_type: str) -> Method:
                               f"supported: {', '.join(known)}")
 
 
+def fused_dense(x: Tensor, base: nn.Module, delta: Tensor) -> Tensor | None:
+    """x @ (W + delta).T + b as one GEMM, for adapters that form their dense delta_W anyway (LoHa, LoKr,
+    FourierFT): the separate x @ delta.T costs a second full GEMM forward and two more backward. None
+    where the base has no plain matmul weight or the dtypes differ (the caller then runs unfused)."""
+    from slimtune.bases import kind_of
+
+    W = kind_of(base).matmul_weight(base)
+    if W is None or delta.shape != W.shape or not (x.dtype == W.dtype == delta.dtype):
+        return None
+    return torch.nn.functional.linear(x, W + delta, base.bias)
+
+
 def adapter_dtype(base: nn.Module) -> torch.dtype:
     """The dtype for a new adapter's tensors on `base` (via the base-layer registry)."""
     from slimtune.bases import kind_of
@@ -376,4 +388,4 @@ def factory(base: nn.Module) -> dict[str, Any]:
 
 
 __all__ = ["METHODS", "AdapterView", "InputAdapter", "LayerAdapter", "Method", "MethodInfo", "PeftContext", "Selection",
-           "factory", "method_for_peft_type", "peft_target_fields", "register"]
+           "factory", "fused_dense", "method_for_peft_type", "peft_target_fields", "register"]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from slimtune.bases import sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, peft_target_fields, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, fused_dense, peft_target_fields, register
 
 _INITS = ("normal", "zeros")
 
@@ -134,6 +134,10 @@ class FourierFT(LayerAdapter):
     def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
         delta = self.delta_weight(base)
         return base_out + F.linear(x.to(delta.dtype), delta).to(base_out.dtype)
+
+    def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor | None:
+        """Alone and active: one GEMM with W + delta_W (delta_W is formed anyway)."""
+        return fused_dense(x, base, self.delta_weight(base))
 
     def _apply(self, fn, recurse: bool = True):
         self._cache = None  # .to() / .cuda(): drop the cached delta_W of the old device or dtype

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from slimtune.bases import kind_of
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, peft_target_fields, register
+from slimtune.methods.base import LayerAdapter, Method, PeftContext, factory, fused_dense, peft_target_fields, register
 from slimtune.methods.lora import _pattern_value
 
 
@@ -195,6 +195,12 @@ class _Lycoris(LayerAdapter):
         if self.training and self.module_dropout > 0 and torch.rand(1).item() <= self.module_dropout:
             return base_out
         return base_out + self.branch(x, base).to(base_out.dtype)
+
+    def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor | None:
+        """Alone and active on a Linear / Conv1D without dropouts: one GEMM with W + delta_W."""
+        if self.conv or (self.training and (self.rank_dropout > 0 or self.module_dropout > 0)):
+            return None
+        return fused_dense(x, base, self.delta())
 
     def branch(self, x: Tensor, base: nn.Module) -> Tensor:
         """x through delta_W, shaped like the base output (formed densely, as HF PEFT)."""
