@@ -24,6 +24,7 @@ def test_bench_methods_quick_writes_rows_with_matching_parameter_counts(tmp_path
     assert all(r > 0 for r in ratios.values())
     memory = result["saved_for_backward_mb"]
     assert set(memory) == set(params) | {"floor"} and all(m > 0 for m in memory.values())
+    assert set(result["inference_ratios"]) == {f"{case}_vs_base" for case in params}
 
 
 @pytest.mark.slow

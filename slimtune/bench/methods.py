@@ -87,11 +87,11 @@ def method_step(model, ids: torch.Tensor, peft_model: bool) -> Callable[[], None
     """One AdamW train step including the method's per-step work (AdaLoRA's allocator, ...):
     `model.step()` for ours, PEFT's `update_and_allocate` where it has one; the regulariser in the loss."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
     count = [0]
     allocate = getattr(model.base_model, "update_and_allocate", None) if peft_model else None
 
     def step() -> None:
+        model.train()  # the same model also runs the inference case, in eval mode
         count[0] += 1
         loss = model(input_ids=ids, labels=ids).loss
         extra = None if peft_model else model.regularization_loss()
@@ -104,6 +104,16 @@ def method_step(model, ids: torch.Tensor, peft_model: bool) -> Callable[[], None
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def inference(model, ids: torch.Tensor) -> Callable[[], None]:
+    """One no-grad forward in eval mode (adapters unmerged)."""
+    def run() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    return run
 
 
 def saved_for_backward_mb(run: Callable[[], None]) -> float:
@@ -133,17 +143,20 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     print(f"bench methods: shape {shape}, batch {batch}, {rounds} rounds, {torch.get_num_threads()} threads")
     ids = torch.randint(0, shape["vocab_size"], batch)
     cases: dict[str, Callable[[], None]] = {"floor": floor_step(base_model(shape), ids)}
+    infer: dict[str, Callable[[], None]] = {"base": inference(base_model(shape), ids)}
     params: dict[str, int] = {}
     for method in METHODS:
         model = ours(method, shape)
         params[f"ours_{method}"] = trainable(model)
         cases[f"ours_{method}"] = method_step(model, ids, peft_model=False)
+        infer[f"ours_{method}"] = inference(model, ids)
         if method not in PEFT_LACKS:
             model = theirs(method, shape)
             params[f"peft_{method}"] = trainable(model)
             cases[f"peft_{method}"] = method_step(model, ids, peft_model=True)
+            infer[f"peft_{method}"] = inference(model, ids)
     memory = {name: saved_for_backward_mb(run) for name, run in cases.items()}
-    seconds = timed_rounds(cases, rounds)
+    seconds = timed_rounds({**cases, **{f"infer_{k}": v for k, v in infer.items()}}, rounds)
     result = {
         "model": {"arch": "llama", **shape, "dtype": "float32"},
         "batch": batch,
@@ -153,7 +166,10 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
         "median_seconds": seconds,
         "trainable_params": params,
         "saved_for_backward_mb": memory,
-        "ratios": {f"train_{k}_vs_floor": v / seconds["floor"] for k, v in seconds.items() if k != "floor"},
+        "ratios": {f"train_{k}_vs_floor": v / seconds["floor"] for k, v in seconds.items()
+                   if k != "floor" and not k.startswith("infer_")},
+        "inference_ratios": {f"{k.removeprefix('infer_')}_vs_base": v / seconds["infer_base"]
+                             for k, v in seconds.items() if k.startswith("infer_") and k != "infer_base"},
         "notes": {"bitfit": "base built with attention and MLP biases (Llama has none by default)",
                   "prompt_tuning": f"{VIRTUAL_TOKENS} virtual tokens: each step runs {batch[1] + VIRTUAL_TOKENS} "
                                    f"positions instead of {batch[1]}"},
@@ -161,8 +177,9 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     from slimtune.io import atomic_write_bytes
 
     atomic_write_bytes(Path(out), (json.dumps(result, indent=2) + "\n").encode())
-    print(f"\n{'case':<24} {'params':>10} {'step / floor':>13} {'saved MB':>9}")
+    print(f"\n{'case':<24} {'params':>10} {'step / floor':>13} {'saved MB':>9} {'infer / base':>13}")
     for key, ratio in result["ratios"].items():
         case = key.removeprefix("train_").removesuffix("_vs_floor")
-        print(f"{case:<24} {params[case]:>10,} {ratio:>13.3f} {memory[case]:>9.1f}")
+        latency = result["inference_ratios"][f"{case}_vs_base"]
+        print(f"{case:<24} {params[case]:>10,} {ratio:>13.3f} {memory[case]:>9.1f} {latency:>13.3f}")
     return result
