@@ -33,6 +33,7 @@ from slimtune.methods.prefix_tuning import PrefixTuningConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.methods.sora import SoraConfig  # noqa: E402
 from slimtune.methods.ssf import SsfConfig  # noqa: E402
+from slimtune.methods.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
@@ -68,6 +69,7 @@ __all__ = [
     "SoraConfig",
     "SsfConfig",
     "TargetNotFoundError",
+    "TrainableTokensConfig",
     "TunedModel",
     "VeraConfig",
     "attach",

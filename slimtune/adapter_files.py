@@ -224,5 +224,45 @@ def save(tuned, name: str, path: Path, format: str = "slimtune") -> None:
     write_adapter_dir(path, config, tensors)
 
 
-__all__ = ["adapter_slots", "base_fingerprint", "canonical", "config_from_json",
-           "is_adapter_tensor", "load_tensors", "read_adapter", "save"]
+# -- a grown vocabulary -------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.txt", "chat_template.jinja")
+
+
+def save_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Write `tokenizer`'s files into the adapter folder `path` (each one atomically)."""
+    import tempfile
+
+    from slimtune.io import atomic_write_bytes
+
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            if f.is_file():
+                atomic_write_bytes(path / f.name, f.read_bytes())
+
+
+def match_vocabulary(model: nn.Module, path: Path) -> None:
+    """Resize `model`'s token embeddings to the tokenizer saved in the adapter folder `path`, if any.
+
+    Raises:
+        AdapterLoadError: the sizes differ and the model cannot resize (or its embeddings are wrapped).
+    """
+    if not path.is_dir() or not any((path / f).exists() for f in TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    wanted = len(AutoTokenizer.from_pretrained(str(path)))
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None or rows >= wanted:  # a model larger than its tokenizer (padding rows) is left alone
+        return
+    if not hasattr(model, "resize_token_embeddings"):
+        raise AdapterLoadError(f"{path}: its tokenizer has {wanted} tokens but this {type(model).__name__} has "
+                               f"{rows} embedding rows and cannot resize them")
+    model.resize_token_embeddings(wanted)
+
+
+__all__ = ["adapter_slots", "base_fingerprint", "canonical", "config_from_json", "is_adapter_tensor", "load_tensors",
+           "match_vocabulary", "read_adapter", "save", "save_tokenizer"]

@@ -95,9 +95,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import slimtune as st
 
     model = st.load(_load_base_for(args.adapter, args.base), args.adapter, rank=args.rank)
-    model.save(args.out, format=args.format)
+    model.save(args.out, format=args.format, tokenizer=_saved_tokenizer(args.adapter))
     print(f"{args.format} adapter written to {args.out}")
     return 0
+
+
+def _saved_tokenizer(folder: str):
+    """The tokenizer saved beside an adapter (a grown vocabulary), or None."""
+    from slimtune.adapter_files import TOKENIZER_FILES
+
+    if not any((Path(folder) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -403,10 +403,13 @@ class TunedModel(nn.Module):
                                 allow_nonfinite: bool = False) -> None:
         adapter_files.load_tensors(self, self._one_name(name), tensors, "state dict", allow_nonfinite)
 
-    def save(self, path: str | Path, format: str = "slimtune", name: str | None = None) -> Path:
+    def save(self, path: str | Path, format: str = "slimtune", name: str | None = None,
+             tokenizer: Any = None) -> Path:
         """Save adapter(s): `name` alone, or every adapter (the first at `path`, others in subfolders).
 
-        format="peft" writes exactly what HF PEFT writes, for methods PEFT has.
+        format="peft" writes exactly what HF PEFT writes, for methods PEFT has. `tokenizer`: saved beside
+        the adapter (a vocabulary grown with new tokens); `st.load` then resizes the base's embeddings
+        to it before loading.
         """
         names = [name] if name is not None else list(self.configs)
         if not names:
@@ -414,6 +417,8 @@ class TunedModel(nn.Module):
         path = Path(path)
         for i, n in enumerate(names):
             adapter_files.save(self, n, path if i == 0 else path / n, format=format)
+        if tokenizer is not None:
+            adapter_files.save_tokenizer(tokenizer, path)
         return path
 
     # -- internals -----------------------------------------------------------------------------
@@ -532,6 +537,7 @@ def load(model: nn.Module, path: str | Path, name: str = "default", *, allow_non
     entries = [(name, path)]
     if path.is_dir():
         entries += sorted((p.name, p) for p in path.iterdir() if (p / CONFIG_NAME).exists())
+    adapter_files.match_vocabulary(tuned.model, path)
     for adapter_name, folder in entries:
         cfg, raw, tensors = adapter_files.read_adapter(folder)
         if rank is not None:

@@ -125,6 +125,10 @@ def table() -> dict[str, Example]:
     add("adaption_prompt", per_family(lambda f: st.AdaptionPromptConfig(adapter_len=3), families=("llama", "gpt2")))
     add("adaption_prompt", {"top1": Example(tiny_llama, lambda: st.AdaptionPromptConfig(adapter_len=3,
                                                                                        adapter_layers=1))})
+    # token ids that occur in the `ids` fixture, so the adapted output differs from the base
+    add("trainable_tokens", per_family(lambda f: st.TrainableTokensConfig(token_indices=[382, 789, 102])))
+    add("trainable_tokens", {"tied": Example(lambda: tiny_llama(tie_word_embeddings=True),
+                                             lambda: st.TrainableTokensConfig(token_indices=[382, 789, 102]))})
     add("bitfit", per_family(lambda f: st.BitFitConfig(), families=("gpt2", "bert"), biases=True))
     return t
 

@@ -21,6 +21,7 @@ from slimtune.methods import (  # noqa: F401
     prompt_tuning,
     sora,
     ssf,
+    trainable_tokens,
     vera,
 )
 from slimtune.methods.base import METHODS, InputAdapter, LayerAdapter, Method, MethodInfo, Selection, register
