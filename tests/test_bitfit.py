@@ -149,7 +149,7 @@ class SparseMethod(Method):
     name, config, shape, category, mergeable = "test_sparse", SparseConfig, "selective", "selective", True
     TENSORS = ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_proj.weight")
 
-    def select(self, model, cfg, targets, init=True):
+    def select(self, model, cfg, targets, init=True, data=None):
         if not init:
             return [Selection(n, sparse=True) for n in self.TENSORS]
         params = dict(model.named_parameters())
