@@ -18,11 +18,16 @@ from slimtune.methods.adapters import BottleneckConfig  # noqa: E402
 from slimtune.methods.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from slimtune.methods.aflora import AfloraConfig  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
+from slimtune.methods.child_tuning import ChildTuningDConfig, ChildTuningFConfig  # noqa: E402
 from slimtune.methods.compacter import CompacterConfig  # noqa: E402
+from slimtune.methods.diff_pruning import DiffPruningConfig  # noqa: E402
 from slimtune.methods.dylora import DyLoraConfig  # noqa: E402
+from slimtune.methods.fishmask import FishMaskConfig  # noqa: E402
 from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
+from slimtune.methods.freeze import FreezeConfig  # noqa: E402
 from slimtune.methods.hra import HRAConfig  # noqa: E402
 from slimtune.methods.ia3 import IA3Config  # noqa: E402
+from slimtune.methods.ln_tuning import LnTuningConfig  # noqa: E402
 from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
@@ -48,13 +53,19 @@ __all__ = [
     "BitFitConfig",
     "BoftConfig",
     "BottleneckConfig",
+    "ChildTuningDConfig",
+    "ChildTuningFConfig",
     "CompacterConfig",
     "ConfigError",
+    "DiffPruningConfig",
     "DoraConfig",
     "DyLoraConfig",
+    "FishMaskConfig",
     "FourierFTConfig",
+    "FreezeConfig",
     "HRAConfig",
     "IA3Config",
+    "LnTuningConfig",
     "LohaConfig",
     "LokrConfig",
     "LoraConfig",

@@ -75,12 +75,13 @@ def adapter_slots(tuned, name: str, export: bool = False) -> dict[str, Slot]:
     if name in tuned.shared:
         for tname, t in tuned.shared[name].state_dict(keep_vars=True).items():
             slots[keys.get(tname, tname)] = Slot(t, set())
+    selection_key = METHODS[tuned.configs[name].method].method.selection_key
     names = {id(p): n for n, p in tuned.model.named_parameters()}
     for selected in tuned._selected.values():
         entries = selected.entries.get(name)
         if entries is None:
             continue
-        pname = prefix + names[id(selected.base)]
+        pname = prefix + selection_key(names[id(selected.base)])
         if entries.sparse:
             slots[pname + ".sparse_index"] = Slot(entries.index, set(), entries)
             slots[pname + ".sparse_values"] = Slot(entries.values, set(), entries)

@@ -173,6 +173,8 @@ class TunedModel(nn.Module):
         if not self._state.active:
             self._state.active = [name]
         self._refresh_trainable()
+        if info.has_attached:
+            info.method.attached(self.view(name), config)
         return self
 
     def _build_layer(self, info: MethodInfo, target: str, config: MethodConfig, init: bool,

@@ -58,6 +58,7 @@ class Example:
     config: Callable[[], st.MethodConfig]
     images: bool = False  # the model takes IMAGES instead of token ids
     exact_atol: float = 0.0  # disabled() and save -> load are bit-exact, except where the base holds a residual
+    data: Callable[[], list[dict]] | None = None  # calibration batches, for methods with needs_data
 
 
 def per_family(config: Callable[[str], st.MethodConfig], families=("llama", "gpt2", "bert"),
@@ -130,7 +131,24 @@ def table() -> dict[str, Example]:
     add("trainable_tokens", {"tied": Example(lambda: tiny_llama(tie_word_embeddings=True),
                                              lambda: st.TrainableTokensConfig(token_indices=[382, 789, 102]))})
     add("bitfit", per_family(lambda f: st.BitFitConfig(), families=("gpt2", "bert"), biases=True))
+    add("ln_tuning", per_family(lambda f: st.LnTuningConfig(), biases=True))
+    add("freeze", per_family(lambda f: st.FreezeConfig(trainable_layers=1), biases=True))
+    add("freeze", {"mlp_extra": Example(tiny_llama, lambda: st.FreezeConfig(targets=["mlp"], extra=["norm"]))})
+    add("child_tuning_f", per_family(lambda f: st.ChildTuningFConfig(targets=LINEARS[f])))
+    add("diff_pruning", per_family(lambda f: st.DiffPruningConfig(targets=LINEARS[f])))
+    for method, config in (("fishmask", lambda: st.FishMaskConfig(density=0.01)),
+                           ("child_tuning_d", lambda: st.ChildTuningDConfig(density=0.05))):
+        add(method, {f: Example(FAMILIES[f], config, data=lambda f=f: calibration(f)) for f in FAMILIES})
+    add("fishmask", {"per_tensor": Example(tiny_llama, lambda: st.FishMaskConfig(density=0.01, scope="per_tensor"),
+                                           data=lambda: calibration("llama"))})
     return t
+
+
+def calibration(family: str) -> list[dict]:
+    """Two calibration batches with labels (next tokens for the LMs, classes for BERT)."""
+    ids = torch.randint(0, 1000, (4, 8), generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 0]) if family == "bert" else ids
+    return [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
 
 
 EXAMPLES = table()
@@ -161,7 +179,7 @@ def test_every_registered_method_has_an_example():
 def test_contract(example_id, ids, tmp_path):
     ex = EXAMPLES[example_id]
     ref, original = run(ex.make(), ex, ids), base_state(ex.make())
-    model = st.attach(ex.make(), ex.config())
+    model = st.attach(ex.make(), ex.config(), data=ex.data() if ex.data else None)
     visited = []
     model.apply(visited.append)  # nn.Module.apply reaches every adapter module (none shadows it)
     assert len(visited) == len(list(model.modules()))

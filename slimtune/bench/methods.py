@@ -20,11 +20,13 @@ from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, 
 IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra",
            "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf",
-           "p_tuning", "prefix_tuning", "adaption_prompt")
+           "p_tuning", "prefix_tuning", "adaption_prompt", "trainable_tokens", "ln_tuning", "freeze", "fishmask",
+           "child_tuning_d", "child_tuning_f", "diff_pruning", "diff_pruning_refit")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
 PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora",  # methods HF PEFT does not have
-              "bottleneck", "compacter", "ssf"}
+              "bottleneck", "compacter", "ssf", "freeze", "fishmask", "child_tuning_d", "child_tuning_f",
+              "diff_pruning", "diff_pruning_refit"}
 
 
 def ours(method: str, shape: dict):
@@ -54,9 +56,24 @@ def ours(method: str, shape: dict):
         "p_tuning": lambda: st.PTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS),
         "prefix_tuning": lambda: st.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS),
         "adaption_prompt": lambda: st.AdaptionPromptConfig(adapter_len=10),
+        "trainable_tokens": lambda: st.TrainableTokensConfig(token_indices=list(range(16))),
+        "ln_tuning": lambda: st.LnTuningConfig(),
+        "freeze": lambda: st.FreezeConfig(trainable_layers=1),  # the last of the 4 blocks
+        "fishmask": lambda: st.FishMaskConfig(density=0.005),
+        "child_tuning_d": lambda: st.ChildTuningDConfig(density=0.3),
+        "child_tuning_f": lambda: st.ChildTuningFConfig(p=0.3),
+        "diff_pruning": lambda: st.DiffPruningConfig(),  # the L0 phase, on all linears
+        "diff_pruning_refit": lambda: st.DiffPruningConfig(),  # pruned to its density below: the sparse re-fit
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
-    return st.attach(base, configs[method]())
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(0, shape["vocab_size"], (2, 2, 32), generator=gen)]
+    model = st.attach(base, configs[method](), data=data)  # calibration batches: ignored by most methods
+    if method == "diff_pruning_refit":
+        from slimtune.methods.diff_pruning import prune
+
+        prune(model)
+    return model
 
 
 def theirs(method: str, shape: dict):
@@ -79,6 +96,8 @@ def theirs(method: str, shape: dict):
         "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
         "adaption_prompt": lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=10,
                                                              adapter_layers=shape["num_hidden_layers"]),
+        "trainable_tokens": lambda: peft.TrainableTokensConfig(token_indices=list(range(16))),
+        "ln_tuning": lambda: peft.LNTuningConfig(task_type="CAUSAL_LM"),
     }
     return peft.get_peft_model(base_model(shape), configs[method]())
 

@@ -46,6 +46,12 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "ssf": ({"method": "ssf", "targets": ["query", "key", "value", "dense"]}, 1e-2),
     "p_tuning": ({"method": "p_tuning", "num_virtual_tokens": 20}, 1e-3),
     "prefix_tuning": ({"method": "prefix_tuning", "num_virtual_tokens": 20}, 1e-2),
+    "ln_tuning": ({"method": "ln_tuning"}, 1e-2),
+    "freeze": ({"method": "freeze", "trainable_layers": 2}, 1e-4),
+    "fishmask": ({"method": "fishmask", "density": 0.005}, 1e-3),  # slimtune train passes calibration batches
+    "child_tuning_d": ({"method": "child_tuning_d", "density": 0.3, "layers": "0-5"}, 1e-4),
+    "child_tuning_f": ({"method": "child_tuning_f", "p": 0.3}, 1e-4),
+    "diff_pruning": ({"method": "diff_pruning", "density": 0.005}, 1e-3),  # the L0 phase only
 }
 
 

@@ -295,6 +295,16 @@ class Method:
     #: tensors of the input adapter and the shared module: our name -> key on disk (no module prefix)
     tensor_keys: ClassVar[dict[str, str]] = {}
 
+    def selection_key(self, name: str) -> str:
+        """On-disk name (no module prefix) of selected base tensor `name`, in both formats (sparse ones add
+        `.sparse_index` / `.sparse_values`). Default: the base name; LN-tuning: PEFT's
+        '<norm>.ln_tuning_layers.weight'. Loading matches files by the same names."""
+        return name
+
+    def attached(self, adapter: AdapterView, cfg: MethodConfig) -> None:
+        """Called once the adapter is installed on the model (also by `st.load`, before the tensors are
+        copied in): hooks that live as long as the adapter (child-tuning F's gradient masks)."""
+
     # -- training -----------------------------------------------------------------------------------
     def step(self, adapter: AdapterView, cfg: MethodConfig, global_step: int,
              optimizer: torch.optim.Optimizer | None) -> None:
@@ -322,6 +332,7 @@ class MethodInfo:
     has_step: bool = False  # overrides Method.step: the engine builds an AdapterView only for these
     has_regularizer: bool = False  # overrides Method.regularizer
     has_describe: bool = False  # overrides Method.describe
+    has_attached: bool = False  # overrides Method.attached
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -335,7 +346,8 @@ def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = MethodInfo(cls.name, cls.shape, cls.category, cls.params, cls.paper, cls.mergeable,
                                    cls.peft_type, cls.config, cls(), has_step=cls.step is not Method.step,
                                    has_regularizer=cls.regularizer is not Method.regularizer,
-                                   has_describe=cls.describe is not Method.describe)
+                                   has_describe=cls.describe is not Method.describe,
+                                   has_attached=cls.attached is not Method.attached)
     return cls
 
 
