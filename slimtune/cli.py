@@ -1,5 +1,5 @@
 """The `slimtune` command line. Training verbs live in slimtune/train/cli.py; this file holds the
-adapter-file verbs (methods, inspect, merge, export) and bench."""
+adapter-file verbs (methods, inspect, merge, export, convert) and bench."""
 
 from __future__ import annotations
 
@@ -111,6 +111,17 @@ def _saved_tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from slimtune.interop.adapterhub import convert_adapterhub
+
+    done = convert_adapterhub(args.adapter, args.out, base=args.base)
+    print(f"AdapterHub adapter {args.adapter} ({done.source}) converted: {done.config.method}, {done.tensors} "
+          f"tensor(s) written to {done.path}" + (" (test-loaded into --base)" if args.base else ""))
+    for note in done.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -153,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rank", type=int, default=None,
                            help="cut to this rank first (adapters trained with nested ranks, e.g. dylora)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("convert", help="import an AdapterHub adapter folder (bottleneck, Compacter, prefix tuning) "
+                       "as a slimtune adapter")
+    p.add_argument("adapter", help="the folder AdapterHub's save_adapter() wrote")
+    p.add_argument("--out", required=True, help="the slimtune adapter folder to write")
+    p.add_argument("--base", help="base model folder: match module names to it and test-load the result")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("bench", help="speed and memory ratios vs the frozen base and HF PEFT")
     p.add_argument("suite", choices=["lora", "methods", "quality"], help="lora: the LoRA family in depth; "

@@ -112,7 +112,15 @@ def table() -> dict[str, Example]:
     add("bottleneck", {"pfeiffer_drop": Example(tiny_llama, lambda: st.BottleneckConfig.pfeiffer(drop_layers=1))})
     add("bottleneck", {f"parallel-{k}": v for k, v in per_family(lambda f: st.BottleneckConfig.parallel(),
                                                                    families=("llama", "gpt2")).items()})
+    add("bottleneck", {f"residual-{k}": v for k, v in per_family(lambda f: st.BottleneckConfig.houlsby(
+        reads="residual", layer_norm="both", scaling="learned")).items()})
+    add("bottleneck", {f"parallel_residual-{k}": v for k, v in per_family(lambda f: st.BottleneckConfig.parallel(
+        reads="residual", targets=FEEDFORWARD[f])).items()})
+    add("bottleneck", {"residual_drop": Example(tiny_llama, lambda: st.BottleneckConfig.pfeiffer(reads="residual",
+                                                                                              drop_layers=1))})
     add("compacter", per_family(lambda f: st.CompacterConfig(reduction_factor=16)))  # m = 4 at d = 64
+    add("compacter", {"residual": Example(tiny_bert, lambda: st.CompacterConfig(
+        variant="compacter++", reduction_factor=16, reads="residual"))})
     add("ssf", per_family(lambda f: st.SsfConfig(targets=LINEARS[f]), biases=True))
     add("ssf", {"all_linear_no_bias": Example(tiny_llama, lambda: st.SsfConfig())})  # merge adds biases
     add("prompt_tuning", per_family(lambda f: st.PromptTuningConfig(num_virtual_tokens=3)))

@@ -6,6 +6,8 @@ Karimi Mahabadi et al. 2021, "Compacter: Efficient Low-Rank Hypercomplex Adapter
     A: (n, n, n) "slow" rule matrices, one set per adapter shared by every layer and both projections
        (shared_phm_rule=True; else one set per projection); s: (n, d_in/n, ρ), t: (n, ρ, d_out/n) "fast", per layer.
 Compacter: after the attention and the FFN outputs (Houlsby positions); Compacter++: after the FFN output only.
+reads="residual": the adapter reads the residual stream as bottleneck adapters do (AdapterHub's Compacter++, whose
+SeqBn base reads the sublayer output after the residual add, and the block's LayerNorm in post-norm models).
 Init (AdapterHub's): A ~ N(0, phm_init_range), every s_i and t_i Glorot-normal, biases 0: near the base at init.
 Parameters per position: 2ρ(d + m) + d + m, m = d // reduction_factor (+ 2n³ without a shared rule), and n³ once
 per adapter with it. Not mergeable: f is nonlinear (W itself is materialised per forward: d x m numbers).
@@ -13,8 +15,10 @@ per adapter with it. Not mergeable: f is nonlinear (W itself is materialised per
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +28,15 @@ from slimtune.config import MethodConfig, check_field
 from slimtune.layer import AdapterLayer
 from slimtune.methods.adapters import (
     ACTIVATIONS,
+    READS,
     Bottleneck,
     _is_int,
     _is_number,
     _one_of,
     bottleneck_width,
     placement_targets,
+    residual_taps,
+    tap_for,
 )
 from slimtune.methods.base import LayerAdapter, Method, factory, register
 
@@ -51,7 +58,12 @@ class CompacterConfig(MethodConfig):
         phm_rank: ρ, the rank of every fast matrix B_i = s_i @ t_i.
         shared_phm_rule: one set of slow matrices A for the whole adapter (else one per projection).
         phm_init_range: the standard deviation of A at init (small: the adapter starts near the base).
+        reads: "sublayer" (the wrapped module's output) or "residual" (the residual stream, AdapterHub's
+            placement; see BottleneckConfig.reads).
     """
+
+    #: the module name this copy was resolved for (not a field: never saved)
+    module: ClassVar[str | None] = None
 
     variant: str = "compacter"
     reduction_factor: float = 32
@@ -60,6 +72,7 @@ class CompacterConfig(MethodConfig):
     phm_rank: int = 1
     shared_phm_rule: bool = True
     phm_init_range: float = 1e-4
+    reads: str = "sublayer"
 
     def __post_init__(self) -> None:
         _one_of(self, "variant", tuple(VARIANTS))
@@ -74,6 +87,15 @@ class CompacterConfig(MethodConfig):
         check_field(isinstance(self.shared_phm_rule, bool), self, "shared_phm_rule", "True or False")
         check_field(_is_number(self.phm_init_range) and 0 < self.phm_init_range < math.inf, self, "phm_init_range",
                     "a standard deviation > 0, e.g. 1e-4")
+        _one_of(self, "reads", READS)
+
+    def resolve(self, module_name: str) -> CompacterConfig:
+        """The config for one target, knowing its name (for reads="residual")."""
+        if self.reads == "sublayer":
+            return self
+        resolved = dataclasses.replace(self)
+        resolved.module = module_name
+        return resolved
 
 
 class PhmRule(nn.Module):
@@ -82,6 +104,15 @@ class PhmRule(nn.Module):
     def __init__(self, n: int, init_range: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(n, n, n, dtype=dtype, device=device).normal_(0.0, init_range))
+        self.taps = None  # reads="residual": where each target's residual stream comes from
+
+
+class ResidualTaps(nn.Module):
+    """reads="residual" without a shared rule: only where each target's residual stream comes from (no tensors)."""
+
+    def __init__(self, taps: dict) -> None:
+        super().__init__()
+        self.taps = taps
 
 
 class Phm(nn.Module):
@@ -123,14 +154,17 @@ class CompacterMethod(Method):
     tensor_keys = {"A": "phm_rule"}
 
     def build_shared(self, model: nn.Module, cfg: CompacterConfig, targets: list[str], init: bool = True
-                     ) -> PhmRule | None:
-        """The slow matrices A, once per adapter (shared_phm_rule)."""
+                     ) -> nn.Module | None:
+        """The slow matrices A, once per adapter (shared_phm_rule), and the residual taps (reads="residual")."""
+        taps = residual_taps(model, targets) if cfg.reads == "residual" else None
         if not cfg.shared_phm_rule or not targets:
-            return None
+            return ResidualTaps(taps) if taps is not None else None
         first = model.get_submodule(targets[0])
         first = first.base_layer if isinstance(first, AdapterLayer) else first
         kind = kind_of(first)
-        return PhmRule(cfg.phm_dim, cfg.phm_init_range, kind.adapter_dtype(first), kind.device(first))
+        rule = PhmRule(cfg.phm_dim, cfg.phm_init_range, kind.adapter_dtype(first), kind.device(first))
+        rule.taps = taps
+        return rule
 
     def build_layer(self, base: nn.Module, cfg: CompacterConfig, init: bool = True,
                     shared: nn.Module | None = None) -> LayerAdapter:
@@ -142,7 +176,8 @@ class CompacterMethod(Method):
                              f"reduction_factor = {m}; expected a phm_dim dividing both (or another reduction_factor)")
         rule = shared if isinstance(shared, PhmRule) else None
         kw = factory(base)
-        return Bottleneck(base, Phm(d, m, cfg, rule, kw), Phm(m, d, cfg, rule, kw), cfg.non_linearity)
+        return Bottleneck(base, Phm(d, m, cfg, rule, kw), Phm(m, d, cfg, rule, kw), cfg.non_linearity,
+                          tap=tap_for(shared, cfg))
 
 
 __all__ = ["CompacterConfig", "CompacterMethod", "Phm", "PhmRule"]

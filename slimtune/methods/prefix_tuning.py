@@ -8,7 +8,8 @@ columns [2l*D, (2l+1)*D) are layer l's key, [(2l+1)*D, (2l+2)*D) its value, head
 model through the transformers cache API: a forward pre-hook on the backbone (`model.base_model`) hands
 it a `DynamicCache` holding the prefixes, extends the attention mask by p ones and shifts given
 position ids by p (as PEFT's CAUSAL_LM and SEQ_CLS paths do; without position ids the model counts
-from the cache length, so real tokens sit at positions p.. in both). `generate()` fills the cache it
+from the cache length, so real tokens sit at positions p.. in both; `shift_positions=False` keeps them at
+0.., as AdapterHub does, by passing position ids that discount the prefix). `generate()` fills the cache it
 creates; with `use_cache=False` every step gets a fresh prefix cache. No token is added to the
 input, so logits, labels and generated sequences line up with the caller's ids. Not mergeable (the
 KV cache grows by p).
@@ -44,6 +45,9 @@ class PrefixTuningConfig(MethodConfig):
         prefix_projection: train the prefixes through PEFT's MLP reparameterisation (dropped at save).
         encoder_hidden_size: h, the MLP's hidden size (None: D, the key/value width, as PEFT).
         init: "random" (N(0, 1), PEFT's default) or "zero" (PEFT's init_weights="zero").
+        shift_positions: True: real tokens sit at positions p.. after the prefix (HF PEFT); False: they keep
+            positions 0.. (AdapterHub). It matters for absolute position embeddings (GPT-2, BERT); with rotary
+            ones (Llama) attention scores depend on position differences only.
     """
 
     aliases = {**MethodConfig.aliases, "init_weights": "init"}
@@ -52,6 +56,7 @@ class PrefixTuningConfig(MethodConfig):
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init: str = "random"
+    shift_positions: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +69,7 @@ class PrefixTuningConfig(MethodConfig):
         check_field(h is None or (isinstance(h, int) and not isinstance(h, bool) and h >= 1), self,
                     "encoder_hidden_size", "None (the key/value width) or an int >= 1")
         check_field(self.init in ("random", "zero"), self, "init", "'random' or 'zero'")
+        check_field(isinstance(self.shift_positions, bool), self, "shift_positions", "True or False")
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class KVPrefix(InputAdapter):
 
     def __init__(self, model: nn.Module, cfg: PrefixTuningConfig, init: bool = True) -> None:
         super().__init__()
-        self.p, self.kv = cfg.num_virtual_tokens, KVShape.of(model)
+        self.p, self.kv, self.shift = cfg.num_virtual_tokens, KVShape.of(model), cfg.shift_positions
         backbone = _backbone(model)  # not kept: the adapter holds only its own tensors
         self._cache_arg = _cache_argument(backbone)
         self._arg_names = list(inspect.signature(backbone.forward).parameters)  # to name positional args
@@ -178,8 +184,12 @@ class KVPrefix(InputAdapter):
             if mask.dim() != 2:
                 raise NotImplementedError(f"prefix tuning needs a 2D attention mask (batch, seq); got {mask.dim()}D")
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], self.p), mask], dim=1)
-        if kwargs.get("position_ids") is not None:
+        if kwargs.get("position_ids") is not None and self.shift:
             kwargs["position_ids"] = kwargs["position_ids"] + self.p
+        elif kwargs.get("position_ids") is None and not self.shift:  # real tokens count from 0, as without a prefix
+            ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            start = cache.get_seq_length() - self.p
+            kwargs["position_ids"] = torch.arange(start, start + ref.shape[1], device=ref.device).unsqueeze(0)
         return (), kwargs
 
     def _fill(self, module: nn.Module, cache: Any, kwargs: dict[str, Any]) -> Any:
@@ -245,6 +255,10 @@ class PrefixTuningMethod(Method):
         return cfg.replace(prefix_projection=False)  # the file holds the computed prefixes
 
     def to_peft(self, cfg: PrefixTuningConfig, ctx: PeftContext) -> dict[str, Any]:
+        if not cfg.shift_positions:
+            raise NotImplementedError("format='peft' with PrefixTuningConfig.shift_positions=False: HF PEFT places "
+                                      "real tokens after the prefix (positions p..), so with absolute position "
+                                      "embeddings it would compute other outputs; save in slimtune format")
         kv = KVShape.of(ctx.model)
         return {
             **prompt_learning_fields(ctx, "PREFIX_TUNING", cfg.num_virtual_tokens),

@@ -1,0 +1,1 @@
+"""Importers from other PEFT libraries' adapter files (AdapterHub: `slimtune.interop.adapterhub`)."""
