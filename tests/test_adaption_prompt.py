@@ -9,7 +9,6 @@ import torch
 import transformers
 
 import slimtune as st
-import tests.test_contract as contract
 from slimtune.cli import main
 from slimtune.errors import ConfigError
 from slimtune.methods.adaption_prompt import AdaptionPromptConfig
@@ -27,11 +26,6 @@ def tiny_mistral() -> transformers.MistralForCausalLM:
 
 
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "mistral": tiny_mistral}
-EXAMPLES = {
-    **{f"adaption_prompt-{k}": v for k, v in contract.per_family(
-        lambda f: AdaptionPromptConfig(adapter_len=K), families=("llama", "gpt2")).items()},
-    "adaption_prompt-top1": contract.Example(tiny_llama, lambda: AdaptionPromptConfig(adapter_len=K, adapter_layers=1)),
-}
 
 
 def attach(make, gate: float = 0.5, **kw) -> st.TunedModel:
@@ -40,13 +34,6 @@ def attach(make, gate: float = 0.5, **kw) -> st.TunedModel:
         for g in model.inputs["default"].gate:
             g.fill_(gate)
     return model
-
-
-@pytest.mark.parametrize("example_id", EXAMPLES)
-def test_contract_rows(example_id, ids, tmp_path, monkeypatch):
-    """The rows tests/test_contract.py gets for LLaMA-Adapter pass its checks."""
-    monkeypatch.setitem(contract.EXAMPLES, example_id, EXAMPLES[example_id])
-    contract.test_contract(example_id, ids, tmp_path)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

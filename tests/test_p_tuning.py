@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import slimtune as st
-import tests.test_contract as contract
 from slimtune.cli import main
 from slimtune.errors import ConfigError
 from slimtune.methods.p_tuning import PTuningConfig
@@ -17,23 +16,10 @@ from tests.conftest import MODELS, VOCAB, fit, output, tiny_gpt2, tiny_llama
 P = 4
 D = 64  # the tiny models' embedding size
 DECODERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-EXAMPLES = {
-    **{f"p_tuning-{k}": v for k, v in contract.per_family(lambda f: PTuningConfig(num_virtual_tokens=3)).items()},
-    "p_tuning-lstm": contract.Example(tiny_llama, lambda: PTuningConfig(num_virtual_tokens=3, encoder="lstm",
-                                                                        encoder_hidden_size=8)),
-    "p_tuning-direct": contract.Example(tiny_gpt2, lambda: PTuningConfig(num_virtual_tokens=3, encoder=None)),
-}
 
 
 def attach(make, **kw) -> st.TunedModel:
     return st.attach(make(), PTuningConfig(num_virtual_tokens=P, **kw))
-
-
-@pytest.mark.parametrize("example_id", EXAMPLES)
-def test_contract_rows(example_id, ids, tmp_path, monkeypatch):
-    """The rows tests/test_contract.py gets for P-tuning pass its checks."""
-    monkeypatch.setitem(contract.EXAMPLES, example_id, EXAMPLES[example_id])
-    contract.test_contract(example_id, ids, tmp_path)
 
 
 @pytest.mark.parametrize("arch", MODELS)

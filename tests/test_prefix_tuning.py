@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import slimtune as st
-import tests.test_contract as contract
 from slimtune.cli import main
 from slimtune.errors import ConfigError
 from slimtune.methods.prefix_tuning import PrefixTuningConfig
@@ -18,23 +17,10 @@ P = 4
 L = 2  # layers of the tiny models
 KV = {"llama": 2 * 16, "gpt2": 64, "bert": 64}  # D = key/value heads x head_dim (Llama: 2 of 4 heads, GQA)
 DECODERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-EXAMPLES = {
-    **{f"prefix_tuning-{k}": v
-       for k, v in contract.per_family(lambda f: PrefixTuningConfig(num_virtual_tokens=3)).items()},
-    "prefix_tuning-projection": contract.Example(tiny_llama, lambda: PrefixTuningConfig(
-        num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8)),
-}
 
 
 def attach(make, **kw) -> st.TunedModel:
     return st.attach(make(), PrefixTuningConfig(num_virtual_tokens=P, **kw))
-
-
-@pytest.mark.parametrize("example_id", EXAMPLES)
-def test_contract_rows(example_id, ids, tmp_path, monkeypatch):
-    """The rows tests/test_contract.py gets for prefix tuning pass its checks."""
-    monkeypatch.setitem(contract.EXAMPLES, example_id, EXAMPLES[example_id])
-    contract.test_contract(example_id, ids, tmp_path)
 
 
 @pytest.mark.parametrize("arch", MODELS)
