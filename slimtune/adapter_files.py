@@ -83,11 +83,18 @@ def adapter_slots(tuned, name: str, export: bool = False) -> dict[str, Slot]:
             continue
         pname = prefix + selection_key(names[id(selected.base)])
         if entries.sparse:
-            slots[pname + ".sparse_index"] = Slot(entries.index, set(), entries)
+            index = _compact_index(entries.index, selected.base.numel()) if export else entries.index
+            slots[pname + ".sparse_index"] = Slot(index, set(), entries)
             slots[pname + ".sparse_values"] = Slot(entries.values, set(), entries)
         else:
             slots[pname] = Slot(entries.values, set(entries.values.shape))
     return slots
+
+
+def _compact_index(index: Tensor, numel: int) -> Tensor:
+    """Flat indices as int32 on disk where the tensor allows (files 8 instead of 12 bytes per tuned entry);
+    loading widens them back to int64."""
+    return index.to(torch.int32) if numel < 2**31 else index
 
 
 def load_tensors(tuned, name: str, tensors: dict[str, Tensor], source: str, allow_nonfinite: bool = False) -> None:

@@ -149,7 +149,7 @@ def test_pruned_file_size_scales_with_the_budget(tmp_path):
         prune(model).save(tmp_path / str(density))
         sizes[model.adapter_parameter_count("default")] = file_size(tmp_path / str(density))
     (k1, s1), (k2, s2) = sorted(sizes.items())
-    assert abs((s2 - s1) - 12 * (k2 - k1)) < 64  # 12 bytes an entry (int64 index + fp32 value), a fixed header
+    assert abs((s2 - s1) - 8 * (k2 - k1)) < 64  # 8 bytes an entry (int32 index + fp32 value), a fixed header
 
 
 def test_prune_keeps_the_trained_head_and_the_active_set(ids):

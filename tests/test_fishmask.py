@@ -145,8 +145,8 @@ def test_file_size_scales_with_k_save_load_exact_and_restores_the_base_bit_for_b
         assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
     (k1, s1), (k2, s2) = sorted(sizes.items())
     header = 16 * 2 * len(model.view("default").selections)  # the header's offsets grow a few digits per tensor
-    assert abs((s2 - s1) - 12 * (k2 - k1)) < header  # 12 bytes an entry: int64 index + fp32 value
-    assert s1 < 12 * k1 + 8 * header  # a 0.5% mask: 1.5% of the fp32 model's bytes plus ~130 bytes a tensor
+    assert abs((s2 - s1) - 8 * (k2 - k1)) < header  # 8 bytes an entry: int32 index + fp32 value
+    assert s1 < 8 * k1 + 8 * header  # a 0.5% mask: 1% of the fp32 model's bytes plus ~130 bytes a tensor
 
 
 def test_classifier_head_in_modules_to_save_is_not_scored(ids):
