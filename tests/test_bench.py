@@ -18,13 +18,14 @@ def test_bench_methods_quick_writes_rows_with_matching_parameter_counts(tmp_path
     for method in METHODS:  # the same method has the same size in both libraries
         if method in PEFT_LACKS:
             continue
-        assert params[f"ours_{method}"] == params[f"peft_{method}"] > 0
+        assert params[f"ours_{method}"] == params[f"peft_{method}"] > 0, method
     assert params["ours_bitfit"] > 0 and "peft_bitfit" not in params
     assert set(ratios) == {f"train_{case}_vs_floor" for case in params}
     assert all(r > 0 for r in ratios.values())
     memory = result["saved_for_backward_mb"]
     assert set(memory) == set(params) | {"floor"} and all(m > 0 for m in memory.values())
-    assert set(result["inference_ratios"]) == {f"{case}_vs_base" for case in params}
+    assert set(result["inference_ratios"]) == {f"{case}_vs_base" for case in params if case != "full_ft"}
+    assert set(result["adapter_file_bytes"]) == {c for c in params if c.startswith("ours_")}
 
 
 @pytest.mark.slow

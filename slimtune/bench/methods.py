@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, timed_rounds
+from slimtune.bench.lora import QUICK_SHAPE, QV, SHAPE, base_model, floor_step, full_ft_step, timed_rounds
 
 IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra",
@@ -150,6 +150,15 @@ def saved_for_backward_mb(run: Callable[[], None]) -> float:
     return sum(seen.values()) / 2**20
 
 
+def saved_bytes(model) -> int:
+    """Size of the adapter file `model.save()` writes (our format)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(tmp)
+        return (Path(tmp) / "adapter_model.safetensors").stat().st_size
+
+
 def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -161,12 +170,16 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     batch = (2, 32) if quick else (4, 256)
     print(f"bench methods: shape {shape}, batch {batch}, {rounds} rounds, {torch.get_num_threads()} threads")
     ids = torch.randint(0, shape["vocab_size"], batch)
-    cases: dict[str, Callable[[], None]] = {"floor": floor_step(base_model(shape), ids)}
+    full = base_model(shape)
+    cases: dict[str, Callable[[], None]] = {"floor": floor_step(base_model(shape), ids),
+                                            "full_ft": full_ft_step(full, ids)}
     infer: dict[str, Callable[[], None]] = {"base": inference(base_model(shape), ids)}
-    params: dict[str, int] = {}
+    params: dict[str, int] = {"full_ft": trainable(full)}
+    file_bytes: dict[str, int] = {}
     for method in METHODS:
         model = ours(method, shape)
         params[f"ours_{method}"] = trainable(model)
+        file_bytes[f"ours_{method}"] = saved_bytes(model)
         cases[f"ours_{method}"] = method_step(model, ids, peft_model=False)
         infer[f"ours_{method}"] = inference(model, ids)
         if method not in PEFT_LACKS:
@@ -185,6 +198,7 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
         "median_seconds": seconds,
         "trainable_params": params,
         "saved_for_backward_mb": memory,
+        "adapter_file_bytes": file_bytes,
         "ratios": {f"train_{k}_vs_floor": v / seconds["floor"] for k, v in seconds.items()
                    if k != "floor" and not k.startswith("infer_")},
         "inference_ratios": {f"{k.removeprefix('infer_')}_vs_base": v / seconds["infer_base"]
@@ -199,6 +213,6 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     print(f"\n{'case':<24} {'params':>10} {'step / floor':>13} {'saved MB':>9} {'infer / base':>13}")
     for key, ratio in result["ratios"].items():
         case = key.removeprefix("train_").removesuffix("_vs_floor")
-        latency = result["inference_ratios"][f"{case}_vs_base"]
+        latency = result["inference_ratios"].get(f"{case}_vs_base", float("nan"))
         print(f"{case:<24} {params[case]:>10,} {ratio:>13.3f} {memory[case]:>9.1f} {latency:>13.3f}")
     return result
