@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
-from slimtune import optim  # noqa: E402
+from slimtune import (
+    optim,  # noqa: E402
+    quant,  # noqa: E402  (registers the quantized base kinds)
+)
 from slimtune.config import MethodConfig, config_from_dict, load_config  # noqa: E402
 from slimtune.errors import (  # noqa: E402
     AdapterLoadError,
@@ -40,6 +43,7 @@ from slimtune.methods.sora import SoraConfig  # noqa: E402
 from slimtune.methods.ssf import SsfConfig  # noqa: E402
 from slimtune.methods.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
+from slimtune.quant import dequantize, quantize  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
 __all__ = [
@@ -85,9 +89,12 @@ __all__ = [
     "VeraConfig",
     "attach",
     "config_from_dict",
+    "dequantize",
     "load",
     "load_config",
     "optim",
+    "quant",
+    "quantize",
 ]
 
 

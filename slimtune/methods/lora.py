@@ -7,7 +7,9 @@ rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): s = alpha / sqrt(r).
 LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): A frozen after init, only B trains.
 Inits: "default" A kaiming-uniform, B = 0 (identity at start); "gaussian" A ~ N(0, 1/r);
 "pissa" / "pissa_niter_K" (Meng et al. 2024, arXiv:2404.02948): A, B from the top-r SVD of W0, the
-base keeps the residual W0 - s*B@A; "olora" (Buyukakyuz 2024, arXiv:2406.01775): from QR of W0.
+base keeps the residual W0 - s*B@A; "olora" (Buyukakyuz 2024, arXiv:2406.01775): from QR of W0;
+"loftq" (Li et al. 2023, arXiv:2310.08659): from the factors st.quantize(..., loftq_rank=r) left on a
+quantized base (slimtune/quant/loftq.py); the base already holds LoftQ's Q, nothing is installed.
 Merge: W += delta_W. PiSSA/OLoRA adapters are saved as the rank-2r LoRA of the same delta against
 the original base, so any LoRA loader (HF PEFT, vLLM) can use them.
 
@@ -44,7 +46,7 @@ from slimtune.methods.base import (
     register,
 )
 
-_INITS = re.compile(r"default|gaussian|olora|pissa(_niter_\d+)?")
+_INITS = re.compile(r"default|gaussian|olora|loftq|pissa(_niter_\d+)?")
 
 
 @dataclass
@@ -56,7 +58,8 @@ class LoraConfig(MethodConfig):
         alpha: numerator of the scale s = alpha / r (alpha / sqrt(r) with rslora).
         dropout: dropout on the adapter branch input only.
         rslora: rank-stabilised scale alpha / sqrt(r).
-        init: "default" | "gaussian" | "pissa" | "pissa_niter_K" (randomized SVD, K iterations) | "olora".
+        init: "default" | "gaussian" | "pissa" | "pissa_niter_K" (randomized SVD, K iterations) | "olora" |
+            "loftq" (base quantized by st.quantize(model, fmt, loftq_rank=r, loftq_iter=T)).
         bias: "none" | "lora_only" (biases of wrapped modules train) | "all" (every bias trains).
         freeze_A: LoRA-FA: A stays at its random init; only B trains.
         rank_pattern / alpha_pattern: {regex suffix of a module name: r or alpha} overrides.
@@ -83,7 +86,7 @@ class LoraConfig(MethodConfig):
         check_field(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, self, "dropout",
                     "a float in [0, 1)")
         check_field(isinstance(self.init, str) and _INITS.fullmatch(self.init) is not None, self, "init",
-                    "'default', 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'")
+                    "'default', 'gaussian', 'pissa', 'pissa_niter_K', 'olora' or 'loftq'")
         check_field(self.bias in ("none", "lora_only", "all"), self, "bias", "'none', 'lora_only' or 'all'")
         for value in (self.rank_pattern or {}).values():
             check_field(isinstance(value, int) and value >= 1, self, "rank_pattern", "ints >= 1 as values")
@@ -152,6 +155,12 @@ class LowRank(LayerAdapter):
     def _init_from_base(self, base: nn.Module, scheme: str) -> None:
         if scheme == "gaussian":
             nn.init.normal_(self.A, std=1 / self.r)
+        elif scheme == "loftq":
+            from slimtune.quant.loftq import lora_factors
+
+            A, B = lora_factors(base, self.r, self.scale)
+            self.A.copy_(A.reshape(self.A.shape))
+            self.B.copy_(B.reshape(self.B.shape))
         elif self.changes_base:
             W = weight_2d(base).float()  # (d_out, d_in * kernel)
             if self.r > min(W.shape):
@@ -372,8 +381,9 @@ class Dora(Lora):
     def _row_norm(self, base: nn.Module) -> Tensor:
         """||W + s B A|| per output row without forming the (d_out, d_in) matrix."""
         W = kind_of(base).weight(base)
-        key = (W.data_ptr(), W._version)
-        if self._w_sqnorm is None or self._w_sqnorm[0] != key:
+        stable = isinstance(W, nn.Parameter) or isinstance(W._base, nn.Parameter)  # not rebuilt per call (dequantized)
+        key = (W.data_ptr(), W._version) if stable else None  # a rebuilt W may reuse a freed W's address
+        if key is None or self._w_sqnorm is None or self._w_sqnorm[0] != key:
             self._w_sqnorm = (key, W.float().pow(2).sum(1).to(self.A.dtype))
         A, B, s = self.A, self.B, self.scale
         cross = (B * (W.to(A.dtype) @ A.T)).sum(1)  # rowsum(W * BA)

@@ -83,7 +83,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from slimtune.train.models import load_base_model
 
     n_labels = cfg.model.num_labels or (len(data.labels) if data.labels else None)
-    base = load_base_model(cfg.model.name, model_kind(cfg), num_labels=n_labels, dtype=cfg.model.dtype)
+    base = load_base_model(cfg.model.name, model_kind(cfg), num_labels=n_labels, dtype=cfg.model.dtype,
+                           quantize=cfg.model.quantize)
     model = st.load(base, _adapter_dir(path))
     result = base_vs_adapted(model, lambda m: eval_metrics(m, cfg, data, tok))
     print(_side_by_side(result["base"], result["adapted"]))

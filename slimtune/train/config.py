@@ -35,10 +35,12 @@ class ModelSection:
     name: str = "smollm2"  # HF folder / hub id (offline cache), or packaged "smollm2" / "minilm"
     dtype: str = "float32"  # storage dtype of the base weights
     num_labels: int | None = None  # classification head size; default: number of labels in the data
+    quantize: str | None = None  # nf4 | fp4 | int8: st.quantize the base (QLoRA); head stays float
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("float32", "bfloat16", "float16"), self, "dtype",
                "'float32', 'bfloat16' or 'float16'")
+        _check(self.quantize in (None, "nf4", "fp4", "int8"), self, "quantize", "'nf4', 'fp4', 'int8' or null")
 
 
 @dataclass

@@ -106,14 +106,22 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_base_model(name: str, kind: str, num_labels: int | None = None, dtype: str = "float32") -> nn.Module:
-    """Load a base model for ``kind`` ('causal_lm' or 'sequence_classification')."""
+def load_base_model(name: str, kind: str, num_labels: int | None = None, dtype: str = "float32",
+                    quantize: str | None = None) -> nn.Module:
+    """Load a base model for ``kind`` ('causal_lm' or 'sequence_classification'); ``quantize``: a format
+    for ``st.quantize`` (nf4, fp4, int8), or None for a float base."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     torch_dtype = getattr(torch, dtype)
     if kind == "sequence_classification":
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, dtype=torch_dtype, ignore_mismatched_sizes=True
         )  # a head for a different label count is replaced by a fresh one
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    if quantize is not None:
+        from slimtune.quant import quantize as quantize_model
+
+        quantize_model(model, quantize)  # the output / classification head stays float
+    return model

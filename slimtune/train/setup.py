@@ -57,7 +57,8 @@ def build_model(cfg: TrainConfig, data: TaskData, base: nn.Module | None = None,
 
     if base is None:
         n_labels = cfg.model.num_labels or (len(data.labels) if data.labels else None)
-        base = load_base_model(cfg.model.name, model_kind(cfg), num_labels=n_labels, dtype=cfg.model.dtype)
+        base = load_base_model(cfg.model.name, model_kind(cfg), num_labels=n_labels, dtype=cfg.model.dtype,
+                               quantize=cfg.model.quantize)
     if isinstance(base, st.TunedModel):
         return base
     if cfg.train.gradient_checkpointing:
