@@ -17,6 +17,7 @@ from slimtune.errors import (  # noqa: E402
 )
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.adalora import AdaLoraConfig  # noqa: E402
+from slimtune.methods.adamix import AdaMixConfig  # noqa: E402
 from slimtune.methods.adapters import BottleneckConfig  # noqa: E402
 from slimtune.methods.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from slimtune.methods.aflora import AfloraConfig  # noqa: E402
@@ -29,6 +30,7 @@ from slimtune.methods.fishmask import FishMaskConfig  # noqa: E402
 from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
 from slimtune.methods.freeze import FreezeConfig  # noqa: E402
 from slimtune.methods.hra import HRAConfig  # noqa: E402
+from slimtune.methods.hybrid import HybridConfig  # noqa: E402
 from slimtune.methods.ia3 import IA3Config  # noqa: E402
 from slimtune.methods.ln_tuning import LnTuningConfig  # noqa: E402
 from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
@@ -36,6 +38,7 @@ from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.p_tuning import PTuningConfig  # noqa: E402
+from slimtune.methods.pasta import PastaConfig  # noqa: E402
 from slimtune.methods.periodic_lora import PeriodicLoraConfig  # noqa: E402
 from slimtune.methods.prefix_tuning import PrefixTuningConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
@@ -49,6 +52,7 @@ from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 __all__ = [
     "METHODS",
     "AdaLoraConfig",
+    "AdaMixConfig",
     "AdaptionPromptConfig",
     "AfloraConfig",
     "AdapterLoadError",
@@ -68,6 +72,7 @@ __all__ = [
     "FourierFTConfig",
     "FreezeConfig",
     "HRAConfig",
+    "HybridConfig",
     "IA3Config",
     "LnTuningConfig",
     "LohaConfig",
@@ -77,6 +82,7 @@ __all__ = [
     "MethodConfig",
     "OftConfig",
     "PTuningConfig",
+    "PastaConfig",
     "PeriodicLoraConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",

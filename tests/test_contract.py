@@ -159,6 +159,19 @@ def table() -> dict[str, Example]:
         add(method, {f: Example(FAMILIES[f], config, data=lambda f=f: calibration(f)) for f in FAMILIES})
     add("fishmask", {"per_tensor": Example(tiny_llama, lambda: st.FishMaskConfig(density=0.01, scope="per_tensor"),
                                            data=lambda: calibration("llama"))})
+    add("hybrid", per_family(lambda f: st.HybridConfig(parts=[
+        st.LoraConfig(r=2, targets=LINEARS[f]), st.IA3Config(targets=LINEARS[f], feedforward=FEEDFORWARD[f])]),
+        biases=True))
+    add("hybrid", {f"unipelt-{k}": v for k, v in per_family(lambda f: st.HybridConfig.unipelt(
+        prefix=st.PrefixTuningConfig(num_virtual_tokens=3))).items()})
+    add("hybrid", {f"mam-{k}": v for k, v in per_family(lambda f: st.HybridConfig.mam(
+        prefix=st.PrefixTuningConfig(num_virtual_tokens=3)), families=("llama", "gpt2")).items()})
+    add("hybrid", {"vera_bitfit": Example(with_biases(tiny_gpt2), lambda: st.HybridConfig(
+        parts=[st.VeraConfig(r=8, targets=["c_attn"]), st.BitFitConfig()]))})  # shared tensors + selections
+    add("adamix", per_family(lambda f: st.AdaMixConfig(num_experts=1)))  # M=1: unpicked experts get no gradient
+    add("adamix", {f"lora-{k}": v for k, v in per_family(lambda f: st.AdaMixConfig(
+        num_experts=1, expert="lora", r=2, targets=LINEARS[f])).items()})
+    add("pasta", per_family(lambda f: st.PastaConfig(token_ids=[102, 721])))  # ids the `ids` fixture holds
     return t
 
 

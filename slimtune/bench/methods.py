@@ -21,12 +21,13 @@ IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", "oft", "boft", "fourierft", "hra",
            "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf",
            "p_tuning", "prefix_tuning", "adaption_prompt", "trainable_tokens", "ln_tuning", "freeze", "fishmask",
-           "child_tuning_d", "child_tuning_f", "diff_pruning", "diff_pruning_refit")
+           "child_tuning_d", "child_tuning_f", "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix",
+           "pasta")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
 PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora",  # methods HF PEFT does not have
               "bottleneck", "compacter", "ssf", "freeze", "fishmask", "child_tuning_d", "child_tuning_f",
-              "diff_pruning", "diff_pruning_refit"}
+              "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix", "pasta"}
 
 
 def ours(method: str, shape: dict):
@@ -64,6 +65,10 @@ def ours(method: str, shape: dict):
         "child_tuning_f": lambda: st.ChildTuningFConfig(p=0.3),
         "diff_pruning": lambda: st.DiffPruningConfig(),  # the L0 phase, on all linears
         "diff_pruning_refit": lambda: st.DiffPruningConfig(),  # pruned to its density below: the sparse re-fit
+        "unipelt": lambda: st.HybridConfig.unipelt(),  # gated prefix (10) + adapter after down_proj + LoRA r=8 q,v
+        "mam": lambda: st.HybridConfig.mam(),  # prefix (30) + parallel adapter beside every mlp (d/2, s=4)
+        "adamix": lambda: st.AdaMixConfig(),  # 4 adapter experts after every down_proj (d/16); eval: averaged
+        "pasta": lambda: st.PastaConfig(),  # bos/eos vectors at every block
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     gen = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 
 from slimtune.methods import (  # noqa: F401
     adalora,
+    adamix,
     adapters,
     adaption_prompt,
     aflora,
@@ -14,6 +15,7 @@ from slimtune.methods import (  # noqa: F401
     fourierft,
     freeze,
     hra,
+    hybrid,
     ia3,
     ln_tuning,
     loha_lokr,
@@ -21,6 +23,7 @@ from slimtune.methods import (  # noqa: F401
     lora_sp,
     oft,
     p_tuning,
+    pasta,
     periodic_lora,
     prefix_tuning,
     prompt_tuning,
