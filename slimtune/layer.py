@@ -52,6 +52,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.merged: list[str] = []
+        self._merge_log: list[tuple[str, str]] = []  # (name, "whole" | "output" | "input") in merge order
         self._released: list[str] = []  # idle base-changing adapters given back to the base while merged
         self._state = state
         self._stack_cache: dict[tuple, tuple] = {}
@@ -88,21 +89,33 @@ class AdapterLayer(nn.Module):
         computes W M_b M_a x for transforms a then b, so M_b folds into W before M_a."""
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         inputs = [n for n in todo if self.adapters[n].transforms_input]
-        todo = [n for n in todo if n not in inputs] + inputs[::-1]
         for name, adapter in self.adapters.items():  # an idle residual init: give the base back first, so
             if todo and adapter.changes_base and name not in todo and name not in self.merged + self._released:
                 adapter.release(self.base_layer)  # merged weights scale the original base, not the residual
                 self._released.append(name)
         for name in todo:
             self.adapters[name].prepare_merge(self.base_layer)
-        for name in todo:
+        for name in todo:  # output sides in the active order (an input-side adapter's output part, e.g. a scale)
+            if name in inputs:
+                self.adapters[name].merge_output(self.base_layer)
+                self._merge_log.append((name, "output"))
+            else:
+                self.adapters[name].merge(self.base_layer)
+                self._merge_log.append((name, "whole"))
+        for name in inputs[::-1]:
             self.adapters[name].merge(self.base_layer)
-            self.merged.append(name)
+            self._merge_log.append((name, "input"))
+        self.merged.extend(todo)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        while self.merged:
-            self.adapters[self.merged.pop()].unmerge(self.base_layer)
+        while self._merge_log:
+            name, part = self._merge_log.pop()
+            if part == "output":
+                self.adapters[name].unmerge_output(self.base_layer)
+            else:
+                self.adapters[name].unmerge(self.base_layer)
+        self.merged.clear()
         while self._released:
             self.adapters[self._released.pop()].install(self.base_layer)
 

@@ -227,12 +227,14 @@ def test_param_count_is_the_formula(kind, arch):
                                              "boft": 8 * 64 + 32, "boft_butterfly": 3 * 16 * 16 + 32}[kind]
 
 
+@pytest.mark.parametrize("order", [["lora", "default"], ["default", "lora"]])
 @pytest.mark.parametrize("kind", ["oft", "boft"])
-def test_with_lora_on_the_same_layers_merged_equals_unmerged(kind, ids):
+def test_with_lora_on_the_same_layers_merged_equals_unmerged(kind, order, ids):
+    """Either order: BOFT's output scale folds at its place in the order, its rotation after every adapter."""
     model = st.attach(tiny_llama(), st.LoraConfig(r=4, targets=["v_proj"]), name="lora")
     model.add(cfg_of(kind), name="default")
     scramble(model)
-    model.use(["lora", "default"])  # BOFT's scale covers what comes before it, as in its merge
+    model.use(order)
     adapted = output(model, ids)
     before = base_tensors(model)
     model.merge()

@@ -79,6 +79,14 @@ class LayerAdapter(nn.Module):
 
         add_to_weight(base, self.delta_weight(base), sign=-1.0)
 
+    def merge_output(self, base: nn.Module) -> None:
+        """For input-side adapters (`transforms_input`) that also change the output (BOFT's scale): fold the
+        output part now, at this adapter's place in the active order; `merge()` then folds the input part,
+        after every other adapter of the layer."""
+
+    def unmerge_output(self, base: nn.Module) -> None:
+        """Undo `merge_output()`."""
+
     # -- base weight changed by init -----------------------------------------------------------
     def install(self, base: nn.Module) -> None:
         """Change the base weight if the method's init needs it; runs only once every module built."""

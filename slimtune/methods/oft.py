@@ -363,7 +363,8 @@ class Boft(LayerAdapter):
         perms = torch.stack([butterfly_perm(d_in, self.N // 2 ** i, self.b // 2, m - 1) for i in range(m)])
         self.register_buffer("perm", perms.to(kw["device"]), persistent=False)  # (m, d_in)
         self.register_buffer("inv_perm", perms.argsort(dim=1).to(kw["device"]), persistent=False)
-        self._merged: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._merged: Tensor | None = None  # M while merged
+        self._scaled: tuple[Tensor, Tensor, Tensor] | None = None  # (s, rows where s = 0, their old values)
 
     def factors(self) -> Tensor:
         """The (m, N, b, b) orthogonal blocks (fp32 at least): exact Cayley of the skew part of A."""
@@ -406,26 +407,42 @@ class Boft(LayerAdapter):
         return (s.to(M.dtype) * (W.to(M.dtype) @ M.T) - W).to(W.dtype)
 
     @torch.no_grad()
-    def merge(self, base: nn.Module) -> None:
+    def merge_output(self, base: nn.Module) -> None:
+        """W = diag(s) W, at BOFT's place among the layer's adapters (others after it add to s W)."""
         kind = kind_of(base)
         W = kind.weight(base)
-        M = self.rotation().clone()
-        s = self.s.detach().clone().to(M.dtype)
+        s = self.s.detach().clone().to(W.dtype)
         dead = (s.view(-1) == 0).nonzero().view(-1)  # rows scaled by 0 cannot be divided back: keep them
-        self._merged = (M, s, dead, W.index_select(0, dead).clone())
-        kind.write_weight(base, s * (W.to(M.dtype) @ M.T))
+        self._scaled = (s, dead, W.index_select(0, dead).clone())
+        kind.write_weight(base, s * W)
+
+    @torch.no_grad()
+    def unmerge_output(self, base: nn.Module) -> None:
+        if self._scaled is None:
+            return
+        (s, dead, kept), self._scaled = self._scaled, None
+        kind = kind_of(base)
+        W = kind.weight(base)
+        W = W / torch.where(s == 0, torch.ones_like(s), s)
+        kind.write_weight(base, W.index_copy(0, dead, kept.to(W.dtype)))
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """W = W M^T, after every other adapter of the layer (the rotation acts on what they all see)."""
+        kind = kind_of(base)
+        M = self.rotation().clone()
+        self._merged = M
+        kind.write_weight(base, kind.weight(base).to(M.dtype) @ M.T)
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
-        """W = diag(1/s) W' M (M is orthogonal: a product of exact Cayley blocks and permutations)."""
+        """W = W' M (M is orthogonal: a product of exact Cayley blocks and permutations)."""
         if self._merged is None:
             return
-        (M, s, dead, kept), self._merged = self._merged, None
+        M, self._merged = self._merged, None
         kind = kind_of(base)
         W = kind.weight(base)
-        safe = torch.where(s == 0, torch.ones_like(s), s)
-        W = ((W.to(M.dtype) / safe) @ M).to(W.dtype)
-        kind.write_weight(base, W.index_copy(0, dead, kept.to(W.dtype)))
+        kind.write_weight(base, (W.to(M.dtype) @ M).to(W.dtype))
 
 
 # -- the methods --------------------------------------------------------------------------------------------
