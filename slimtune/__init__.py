@@ -36,6 +36,7 @@ from slimtune.methods.ln_tuning import LnTuningConfig  # noqa: E402
 from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
+from slimtune.methods.lt_sft import LtSftConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.p_tuning import PTuningConfig  # noqa: E402
 from slimtune.methods.pasta import PastaConfig  # noqa: E402
@@ -43,6 +44,7 @@ from slimtune.methods.periodic_lora import PeriodicLoraConfig  # noqa: E402
 from slimtune.methods.prefix_tuning import PrefixTuningConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.methods.sora import SoraConfig  # noqa: E402
+from slimtune.methods.spt import SptConfig  # noqa: E402
 from slimtune.methods.ssf import SsfConfig  # noqa: E402
 from slimtune.methods.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
@@ -79,6 +81,7 @@ __all__ = [
     "LokrConfig",
     "LoraConfig",
     "LoraSPConfig",
+    "LtSftConfig",
     "MethodConfig",
     "OftConfig",
     "PTuningConfig",
@@ -88,6 +91,7 @@ __all__ = [
     "PromptTuningConfig",
     "SlimtuneError",
     "SoraConfig",
+    "SptConfig",
     "SsfConfig",
     "TargetNotFoundError",
     "TrainableTokensConfig",

@@ -26,6 +26,7 @@ class TunedEntries(nn.Module):
 
     def __init__(self, original: Tensor, mask: Tensor | None = None) -> None:
         super().__init__()
+        self.tensor_shape = tuple(original.shape)  # the whole base tensor's (densities in summary())
         flat = original.detach().reshape(-1)
         if mask is None:
             self.register_buffer("index", None)

@@ -147,6 +147,8 @@ class TunedModel(nn.Module):
         if info.method.needs_data and init and data is None:
             raise ConfigError(f"{type(config).__name__} chooses what to train from gradients: pass calibration "
                               "batches, st.attach(model, config, data=batches) (slimtune train does it)")
+        if init:
+            config = info.method.plan(self.model, config, data)
         saved = self._resolve_modules_to_save(config)
         targets = info.method.find_targets(self.model, config, set(saved))
         shared = info.method.build_shared(self.model, config, targets, init)

@@ -159,6 +159,10 @@ def table() -> dict[str, Example]:
         add(method, {f: Example(FAMILIES[f], config, data=lambda f=f: calibration(f)) for f in FAMILIES})
     add("fishmask", {"per_tensor": Example(tiny_llama, lambda: st.FishMaskConfig(density=0.01, scope="per_tensor"),
                                            data=lambda: calibration("llama"))})
+    add("lt_sft", per_family(lambda f: st.LtSftConfig(), biases=True))  # phase 1; phase 2 in test_lt_sft.py
+    add("lt_sft", {"mlp_layer1": Example(tiny_llama, lambda: st.LtSftConfig(targets=["mlp"], layers=[1]))})
+    add("spt", {f: Example(FAMILIES[f], lambda: st.SptConfig(density=0.02, r=2), data=lambda f=f: calibration(f))
+                for f in FAMILIES})  # LoRA on some matrices, sparse entries on the rest
     add("hybrid", per_family(lambda f: st.HybridConfig(parts=[
         st.LoraConfig(r=2, targets=LINEARS[f]), st.IA3Config(targets=LINEARS[f], feedforward=FEEDFORWARD[f])]),
         biases=True))

@@ -22,12 +22,13 @@ METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", 
            "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf",
            "p_tuning", "prefix_tuning", "adaption_prompt", "trainable_tokens", "ln_tuning", "freeze", "fishmask",
            "child_tuning_d", "child_tuning_f", "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix",
-           "pasta")
+           "pasta", "lt_sft", "lt_sft_winners", "spt")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
 PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora",  # methods HF PEFT does not have
               "bottleneck", "compacter", "ssf", "freeze", "fishmask", "child_tuning_d", "child_tuning_f",
-              "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix", "pasta"}
+              "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix", "pasta", "lt_sft", "lt_sft_winners",
+              "spt"}
 
 
 def ours(method: str, shape: dict):
@@ -69,6 +70,9 @@ def ours(method: str, shape: dict):
         "mam": lambda: st.HybridConfig.mam(),  # prefix (30) + parallel adapter beside every mlp (d/2, s=4)
         "adamix": lambda: st.AdaMixConfig(),  # 4 adapter experts after every down_proj (d/16); eval: averaged
         "pasta": lambda: st.PastaConfig(),  # bos/eos vectors at every block
+        "lt_sft": lambda: st.LtSftConfig(density=0.005),  # phase 1: every tensor trains in full
+        "lt_sft_winners": lambda: st.LtSftConfig(density=0.005),  # select_winners below: the sparse phase 2
+        "spt": lambda: st.SptConfig(density=0.005),  # LoRA r=8 on the most sensitive matrices + sparse entries
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     gen = torch.Generator().manual_seed(0)
@@ -78,6 +82,10 @@ def ours(method: str, shape: dict):
         from slimtune.methods.diff_pruning import prune
 
         prune(model)
+    if method == "lt_sft_winners":
+        from slimtune.methods.lt_sft import select_winners
+
+        select_winners(model)
     return model
 
 

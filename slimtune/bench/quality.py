@@ -62,6 +62,8 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
          "reduction_factor": 2, "scaling": 4.0, "init": "mam"}]}, 3e-3),
     "adamix": ({"method": "adamix", "targets": FFN_OUT}, 1e-3),
     "pasta": ({"method": "pasta", "token_ids": [101, 102]}, 1e-2),  # MiniLM [CLS], [SEP]
+    "lt_sft": ({"method": "lt_sft", "density": 0.05}, 1e-4),  # phase 1 only (full fine-tuning), as diff_pruning
+    "spt": ({"method": "spt", "density": 0.01, "r": 8}, 1e-3),
 }
 
 

@@ -1,5 +1,5 @@
 """Helpers the selective methods share: which base tensors a config picks, empirical Fisher scores
-streamed over calibration batches, and top-k masks.
+streamed over calibration batches, top-k masks, and the density line `summary()` prints.
 
 Tensors are picked by the modules they live under: `targets` (suffixes or a regex, matched against
 every module above the tensor, so "mlp" picks every tensor of the MLP blocks; "all-linear": the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -170,6 +171,13 @@ def top_k_masks(scores: dict[str, Tensor], density: float, scope: str = "global"
     return _top_k(scores, budget(density, sum(s.numel() for s in scores.values())))
 
 
+def top_k(scores: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Bool masks of exactly the k highest scores (>= 0) over all tensors together (ties: model order)."""
+    if not 0 <= k <= sum(s.numel() for s in scores.values()):
+        raise ValueError(f"top_k: k={k} outside 0..{sum(s.numel() for s in scores.values())}")
+    return _top_k(scores, k) if k else {n: torch.zeros_like(s, dtype=torch.bool) for n, s in scores.items()}
+
+
 def _top_k(scores: dict[str, Tensor], k: int) -> dict[str, Tensor]:
     # scores >= 0: their float32 bit patterns, read as int32, sort as the values do
     bits = {n: s.detach().float().contiguous().view(torch.int32) for n, s in scores.items()}
@@ -194,3 +202,33 @@ def _top_k(scores: dict[str, Tensor], k: int) -> dict[str, Tensor]:
 def is_fraction(value: Any) -> bool:
     """A number in (0, 1]."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) and 0 < value <= 1
+
+
+# -- summary lines ----------------------------------------------------------------------------------
+def tensor_numel(entries: nn.Module) -> int | None:
+    """Entries of the whole base tensor a `TunedEntries` tunes: a dense one holds all of them; a sparse one
+    knows it from `tensor_shape` (recorded at construction), else None."""
+    if entries.index is None:
+        return entries.values.numel()
+    shape = getattr(entries, "tensor_shape", None)
+    return math.prod(shape) if shape is not None else None
+
+
+def density_line(selections: dict[str, nn.Module], top: int = 3) -> str:
+    """One summary line for `AdapterView.selections`: overall density and the `top` densest tensors,
+    e.g. 'density 0.50% (1,234 of 246,784 entries, 14 tensors); densest: layers.1.mlp.down_proj.weight 2.10%, ...'"""
+    counts = {base_name(n): (e.values.numel(), tensor_numel(e)) for n, e in selections.items()}
+    k = sum(c for c, _ in counts.values())
+    if not counts or any(n is None for _, n in counts.values()):
+        return f"{k:,} entries in {len(counts)} tensors"
+    total = sum(n for _, n in counts.values())
+    densest = sorted(counts.items(), key=lambda item: -item[1][0] / max(item[1][1], 1))[:top]
+    detail = ", ".join(f"{_short(name)} {100 * c / max(n, 1):.2f}%" for name, (c, n) in densest)
+    overall = f"density {100 * k / max(total, 1):.2f}% ({k:,} of {total:,} entries, {len(counts)} tensors)"
+    return f"{overall}; densest: {detail}"
+
+
+def _short(name: str) -> str:
+    """A tensor name from its block on ('model.layers.1.mlp.down_proj.weight' -> 'layers.1.mlp.down_proj.weight')."""
+    m = re.search(r"(?:^|\.)((?:layers|layer|h|blocks|block)\.\d+\..*)$", name)
+    return m[1] if m else name

@@ -237,6 +237,11 @@ class Method:
     module_prefix: ClassVar[str] = PEFT_PREFIX
 
     # -- attaching --------------------------------------------------------------------------------
+    def plan(self, model: nn.Module, cfg: MethodConfig, data: Iterable[dict] | None) -> MethodConfig:
+        """Called first by `add(..., init=True)`: the config to attach, with the choices that need the
+        calibration batches made (SPT's LoRA modules); `add` builds and keeps what it returns. Default: cfg."""
+        return cfg
+
     def find_targets(self, model: nn.Module, cfg: MethodConfig, skip: set[str]) -> list[str]:
         """Full names of the modules to wrap with `build_layer` (default: `cfg.targets` for the layer
         shape, none otherwise). A hybrid returns the union of its parts'. `skip`: modules trained in full."""

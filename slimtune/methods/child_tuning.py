@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.config import MethodConfig, check_field
-from slimtune.methods._selective import chosen_tensors, is_fraction
+from slimtune.methods._selective import chosen_tensors, density_line, is_fraction
 from slimtune.methods.base import AdapterView, Method, PeftContext, Selection, register
 from slimtune.methods.fishmask import fisher_selections
 
@@ -75,6 +75,9 @@ class ChildTuningDMethod(Method):
     def select(self, model: nn.Module, cfg: ChildTuningDConfig, targets: list[str], init: bool = True,
                data: Iterable[dict] | None = None) -> list[Selection]:
         return fisher_selections(model, cfg, init, data, cfg.density, "global", cfg.per_example)
+
+    def describe(self, adapter: AdapterView, cfg: ChildTuningDConfig) -> str:
+        return density_line(adapter.selections)
 
     def to_peft(self, cfg: MethodConfig, ctx: PeftContext) -> dict[str, Any]:
         raise NotImplementedError("format='peft' for child_tuning_d: HF PEFT has no child-tuning; save in "

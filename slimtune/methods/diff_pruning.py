@@ -43,7 +43,7 @@ from torch.func import functional_call
 
 from slimtune.config import MethodConfig, check_field
 from slimtune.errors import ConfigError
-from slimtune.methods._selective import budget, is_fraction, top_k_masks
+from slimtune.methods._selective import budget, density_line, is_fraction, top_k_masks
 from slimtune.methods.base import AdapterView, LayerAdapter, Method, PeftContext, Selection, factory, register
 from slimtune.targets import find_targets as modules_of
 
@@ -171,7 +171,7 @@ class DiffPruningMethod(Method):
 
     def describe(self, adapter: AdapterView, cfg: DiffPruningConfig) -> str | None:
         if cfg.pruned:
-            return f"pruned: {sum(e.values.numel() for e in adapter.selections.values()):,} entries (fixed mask)"
+            return "pruned (fixed mask): " + density_line(adapter.selections)
         gates = list(adapter.layers.values())
         with torch.no_grad():
             open_ = sum(int((g.gate(sample=False) > 0).sum()) for g in gates)

@@ -24,8 +24,8 @@ from typing import Any
 from torch import nn
 
 from slimtune.config import MethodConfig, check_field
-from slimtune.methods._selective import chosen_tensors, empirical_fisher, is_fraction, top_k_masks
-from slimtune.methods.base import Method, PeftContext, Selection, register
+from slimtune.methods._selective import chosen_tensors, density_line, empirical_fisher, is_fraction, top_k_masks
+from slimtune.methods.base import AdapterView, Method, PeftContext, Selection, register
 
 
 @dataclass
@@ -63,6 +63,9 @@ class FishMaskMethod(Method):
     def select(self, model: nn.Module, cfg: FishMaskConfig, targets: list[str], init: bool = True,
                data: Iterable[dict] | None = None) -> list[Selection]:
         return fisher_selections(model, cfg, init, data, cfg.density, cfg.scope, cfg.per_example)
+
+    def describe(self, adapter: AdapterView, cfg: FishMaskConfig) -> str:
+        return density_line(adapter.selections)
 
     def to_peft(self, cfg: FishMaskConfig, ctx: PeftContext) -> dict[str, Any]:
         raise NotImplementedError("format='peft' for fishmask: HF PEFT has no FishMask; save in slimtune's format "
