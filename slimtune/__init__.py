@@ -48,6 +48,7 @@ from slimtune.methods.spt import SptConfig  # noqa: E402
 from slimtune.methods.ssf import SsfConfig  # noqa: E402
 from slimtune.methods.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
+from slimtune.multitask import merge_adapters  # noqa: E402
 from slimtune.quant import dequantize, quantize  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
@@ -102,6 +103,7 @@ __all__ = [
     "dequantize",
     "load",
     "load_config",
+    "merge_adapters",
     "optim",
     "quant",
     "quantize",

@@ -1,5 +1,5 @@
 """The `slimtune` command line. Training verbs live in slimtune/train/cli.py; this file holds the
-adapter-file verbs (methods, inspect, merge, export, convert) and bench."""
+adapter-file verbs (methods, inspect, merge, merge-adapters, export, convert) and bench."""
 
 from __future__ import annotations
 
@@ -100,6 +100,48 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge_adapters(args: argparse.Namespace) -> int:
+    from slimtune.multitask import merge_adapters
+
+    model, names = _load_all(args.adapters, args.base)
+    merge_adapters(model, names, args.weights, method=args.method, density=args.density, rank=args.rank,
+                   majority_sign_method=args.majority_sign, clamp=args.clamp, seed=args.seed, name="merged")
+    if args.full:
+        model.use("merged").detach(merge=True).save_pretrained(args.out, safe_serialization=True)
+        print(f"{args.method} merge of {len(names)} adapters folded into the base; model written to {args.out}")
+        return 0
+    model.save(args.out, format=args.format, name="merged")
+    print(f"{args.method} merge of {len(names)} adapters written to {args.out} ({args.format} LoRA adapter)")
+    return 0
+
+
+def _rank(text: str) -> int | str:
+    return text if text == "full" else int(text)
+
+
+def _load_all(folders: list[str], base: str | None):
+    """The base model with every adapter folder loaded, named after its folder; refuses mixed bases."""
+    import re
+
+    import slimtune as st
+    from slimtune.io import read_adapter_dir
+
+    prints = {f: read_adapter_dir(f)[0].get("base_fingerprint") for f in folders}
+    known = {f: p for f, p in prints.items() if p}
+    if len(set(known.values())) > 1:
+        first, *_ = known
+        other = next(f for f, p in known.items() if p != known[first])
+        raise SlimtuneError(f"{first} and {other} were made for different base models (base_fingerprint "
+                            f"{known[first]} vs {known[other]}); merged adapters must share one base")
+    model, names = _load_base_for(folders[0], base), []
+    for folder in folders:
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(folder).resolve().name) or "adapter"
+        name = name if name[0].isalpha() and name not in names else f"a{len(names)}_{name}"
+        model = st.load(model, folder, name=name)
+        names.append(name)
+    return model, names
+
+
 def _saved_tokenizer(folder: str):
     """The tokenizer saved beside an adapter (a grown vocabulary), or None."""
     from slimtune.adapter_files import TOKENIZER_FILES
@@ -164,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rank", type=int, default=None,
                            help="cut to this rank first (adapters trained with nested ranks, e.g. dylora)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("merge-adapters", help="merge adapters of one base into one LoRA adapter (task arithmetic, "
+                       "TIES, DARE, SVD, cat; docs/merging.md), or with --full into the base model")
+    p.add_argument("adapters", nargs="+", help="adapter folders (ours or HF PEFT's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="linear", help="linear | cat | ties | dare_linear | dare_ties | "
+                   "magnitude_prune | svd | ties_svd | dare_linear_svd | dare_ties_svd | magnitude_prune_svd")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one per adapter (default 1.0 each); "
+                   "negative subtracts a task")
+    p.add_argument("--density", type=float, default=None, help="fraction kept by ties / dare / magnitude_prune")
+    p.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="TIES sign election")
+    p.add_argument("--rank", type=_rank, default=None,
+                   help="SVD methods: rank kept (default: the largest input rank), or 'full' (exact)")
+    p.add_argument("--clamp", type=float, default=None, help="SVD methods: clip factors at this quantile")
+    p.add_argument("--seed", type=int, default=None, help="DARE's random seed")
+    p.add_argument("--base", help="base model folder (default: the one the first adapter records)")
+    p.add_argument("--format", default="slimtune", choices=["slimtune", "peft"])
+    p.add_argument("--full", action="store_true", help="write the base with the merge folded in (as `merge`)")
+    p.set_defaults(func=_cmd_merge_adapters)
 
     p = sub.add_parser("convert", help="import an AdapterHub adapter folder (bottleneck, Compacter, prefix tuning) "
                        "as a slimtune adapter")
