@@ -51,7 +51,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "fishmask": ({"method": "fishmask", "density": 0.005}, 1e-3),  # slimtune train passes calibration batches
     "child_tuning_d": ({"method": "child_tuning_d", "density": 0.3, "layers": "0-5"}, 1e-4),
     "child_tuning_f": ({"method": "child_tuning_f", "p": 0.3}, 1e-4),
-    "diff_pruning": ({"method": "diff_pruning", "density": 0.005}, 1e-3),  # the L0 phase only
+    "diff_pruning": ({"method": "diff_pruning", "density": 0.005}, 1e-4),  # the L0 phase only (1e-3: collapsed)
     "unipelt": ({"method": "hybrid", "gates": True, "parts": [
         {"method": "prefix_tuning", "num_virtual_tokens": 10},
         {"method": "bottleneck", "targets": FFN_OUT},
@@ -59,7 +59,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "mam": ({"method": "hybrid", "parts": [  # BERT has no FFN module: beside output.dense, reading the FFN input
         {"method": "prefix_tuning", "num_virtual_tokens": 30},
         {"method": "bottleneck", "placement": "parallel", "targets": FFN_OUT, "reads": "residual",
-         "reduction_factor": 2, "scaling": 4.0, "init": "mam"}]}, 3e-3),
+         "reduction_factor": 2, "scaling": 4.0, "init": "mam"}]}, 3e-4),  # 3e-3, 1e-3: collapsed to one class
     "adamix": ({"method": "adamix", "targets": FFN_OUT}, 1e-3),
     "pasta": ({"method": "pasta", "token_ids": [101, 102]}, 1e-2),  # MiniLM [CLS], [SEP]
     "lt_sft": ({"method": "lt_sft", "density": 0.05}, 1e-4),  # phase 1 only (full fine-tuning), as diff_pruning
