@@ -73,21 +73,6 @@ def test_right_padded_rows_equal_unpadded():
     torch.testing.assert_close(batch[1, :6], alone[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_generate_with_cache_equals_without_and_left_padding(arch):
-    torch.manual_seed(1)
-    long, short = torch.randint(2, VOCAB, (1, 8)), torch.randint(2, VOCAB, (1, 5))
-    padded = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(padded)
-    mask[1, :3] = 0
-    model = attach(FAMILIES[arch])
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    cached = model.generate(input_ids=padded, attention_mask=mask, **kw)
-    assert torch.equal(cached, model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **kw))
-    alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
-    assert torch.equal(cached[1, 8:], alone[0, 5:])
-
-
 def test_one_adapter_per_row(ids):
     model = attach(tiny_llama)
     model.add(AdaptionPromptConfig(adapter_len=2, adapter_layers=1), name="other")

@@ -235,6 +235,8 @@ def test_contract(example_id, ids, tmp_path):
         plain = loaded.detach(merge=True)
         assert not any(isinstance(m, (AdapterLayer, SavedModule)) for m in plain.modules())
         torch.testing.assert_close(run(plain, ex, ids), adapted, atol=MERGE_TOL, rtol=MERGE_TOL)
+    if METHODS[model.configs["default"].method].shape == "input" and ex.make in (tiny_llama, tiny_gpt2):
+        check_generation(model)
     check_moves(model, ex, ids, adapted)
     plain = model.to(torch.float32).detach()
     assert set(plain.state_dict()) == set(original)
@@ -279,6 +281,21 @@ def check_fused_paths(model: st.TunedModel) -> None:
                 if a is not None:
                     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     model.eval()
+
+
+def check_generation(model: st.TunedModel) -> None:
+    """Input methods on decoders: generate() with the cache equals generate(use_cache=False), and a
+    left-padded row generates what it generates alone."""
+    g = torch.Generator().manual_seed(1)
+    long, short = torch.randint(2, 1000, (1, 8), generator=g), torch.randint(2, 1000, (1, 5), generator=g)
+    padded = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(padded)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cached = model.generate(input_ids=padded, attention_mask=mask, **kw)
+    assert torch.equal(cached, model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **kw))
+    alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
+    assert torch.equal(cached[1, 8:], alone[0, 5:])
 
 
 def _is_adapter(name: str) -> bool:

@@ -63,21 +63,6 @@ def test_right_padded_rows_equal_unpadded(arch):
     torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", DECODERS)
-def test_generate_with_cache_equals_without_and_left_padding(arch):
-    torch.manual_seed(1)
-    long, short = torch.randint(2, VOCAB, (1, 8)), torch.randint(2, VOCAB, (1, 5))
-    padded = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(padded)
-    mask[1, :3] = 0
-    model = attach(DECODERS[arch])
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    cached = model.generate(input_ids=padded, attention_mask=mask, **kw)
-    assert torch.equal(cached, model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **kw))
-    alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
-    assert torch.equal(cached[1, 8:], alone[0, 5:])
-
-
 def test_save_load_exact_and_not_mergeable(ids, tmp_path, capsys):
     model = attach(tiny_llama, encoder="lstm", encoder_hidden_size=8, encoder_dropout=0.1, encoder_num_layers=2)
     model.eval()

@@ -76,28 +76,6 @@ def test_generate_continues_what_forward_predicts(arch, ids):
     assert torch.equal(logits[:, n - 1:-1].argmax(-1), out[:, n:])
 
 
-@pytest.mark.parametrize("arch", DECODERS)
-def test_generate_without_cache_equals_with_cache(arch, ids):
-    """use_cache=False embeds the whole sequence again every step: the prompt goes in every time."""
-    model = attach(DECODERS[arch])
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-    assert torch.equal(model.generate(input_ids=ids, **kw), model.generate(input_ids=ids, use_cache=False, **kw))
-
-
-@pytest.mark.parametrize("arch", DECODERS)
-def test_generate_left_padded_batch_equals_rows_alone(arch):
-    torch.manual_seed(1)
-    long, short = torch.randint(2, VOCAB, (1, 8)), torch.randint(2, VOCAB, (1, 5))
-    padded = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(padded)
-    mask[1, :3] = 0
-    model = attach(DECODERS[arch])
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    batch = model.generate(input_ids=padded, attention_mask=mask, **kw)
-    alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
-    assert torch.equal(batch[1, 8:], alone[0, 5:])
-
-
 def test_save_load_exact_and_not_mergeable(ids, tmp_path):
     model = attach(tiny_llama)
     ref = output(model, ids)
