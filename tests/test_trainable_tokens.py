@@ -161,3 +161,20 @@ def test_our_peft_export_loads_in_peft_with_our_outputs(make, ids, tmp_path):
     assert raw["peft_type"] == "TRAINABLE_TOKENS" and raw["token_indices"] == IDS
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "e")
     torch.testing.assert_close(output(theirs, ids), output(ours, ids), atol=1e-5, rtol=0)
+
+
+def test_grown_vocabulary_peft_export_loads_in_peft_after_resizing_from_the_saved_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = byte_tokenizer()
+    base = tied_llama(vocab_size=len(tokenizer))
+    tokenizer.add_tokens(["<tool>", "</tool>"])
+    base.resize_token_embeddings(len(tokenizer))
+    model = st.attach(base, TrainableTokensConfig(token_indices=token_ids(tokenizer, ["<tool>", "</tool>"])))
+    perturb(model)
+    data = torch.tensor([tokenizer("<tool>x</tool>")["input_ids"]])
+    model.save(tmp_path / "e", format="peft", tokenizer=tokenizer)
+    fresh = tied_llama(vocab_size=259)
+    fresh.resize_token_embeddings(len(AutoTokenizer.from_pretrained(tmp_path / "e")))  # what a PEFT user does
+    theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "e")
+    torch.testing.assert_close(output(theirs, data), output(model, data), atol=1e-5, rtol=0)
