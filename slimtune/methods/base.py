@@ -375,6 +375,20 @@ def peft_target_fields(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def bias_selections(model: nn.Module, bias: str, targets: list[str]) -> list[Selection]:
+    """PEFT's `bias` option of layer methods as selections: "none" -> none, "all" -> every bias of the model,
+    anything else ("lora_only", "vera_only", "oft_only", ...) -> the biases of the wrapped `targets`."""
+    if bias == "none":
+        return []
+    from slimtune.layer import base_parameters
+
+    biases = [n for n, _ in base_parameters(model) if n.endswith(".bias")]
+    if bias != "all":
+        wanted = {t + ".bias" for t in targets}
+        biases = [n for n in biases if n in wanted]
+    return [Selection(n) for n in biases]
+
+
 def method_for_peft_type(peft_type: str) -> Method:
     """The registered method that reads HF PEFT configs of `peft_type` (the first registered)."""
     for info in METHODS.values():
@@ -413,4 +427,4 @@ def factory(base: nn.Module) -> dict[str, Any]:
 
 
 __all__ = ["METHODS", "AdapterView", "InputAdapter", "LayerAdapter", "Method", "MethodInfo", "PeftContext", "Selection",
-           "factory", "fused_dense", "method_for_peft_type", "peft_target_fields", "register"]
+           "bias_selections", "factory", "fused_dense", "method_for_peft_type", "peft_target_fields", "register"]

@@ -34,13 +34,13 @@ from torch import Tensor, nn
 
 from slimtune.bases import add_to_weight, kind_of, sizes, weight_2d
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.layer import base_parameters
 from slimtune.methods.base import (
     AdapterView,
     LayerAdapter,
     Method,
     PeftContext,
     Selection,
+    bias_selections,
     factory,
     peft_target_fields,
     register,
@@ -445,13 +445,7 @@ class LoraMethod(Method):
     def select(self, model: nn.Module, cfg: LoraConfig, targets: list[str], init: bool = True,
                data: Iterable[dict] | None = None) -> list[Selection]:
         """The `bias` option: biases of the wrapped modules ("lora_only") or of the whole model ("all")."""
-        if cfg.bias == "none":
-            return []
-        biases = [n for n, _ in base_parameters(model) if n.endswith(".bias")]
-        if cfg.bias == "lora_only":
-            wanted = {t + ".bias" for t in targets}
-            biases = [n for n in biases if n in wanted]
-        return [Selection(n) for n in biases]
+        return bias_selections(model, cfg.bias, targets)
 
     def saved_config(self, cfg: LoraConfig, adapter: AdapterView) -> LoraConfig:
         return cfg.as_rank_doubled() if cfg.init.startswith("pissa") or cfg.init == "olora" else cfg

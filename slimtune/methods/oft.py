@@ -39,8 +39,16 @@ from torch import Tensor, nn
 
 from slimtune.bases import kind_of, sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.layer import base_parameters
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, peft_target_fields, register
+from slimtune.methods.base import (
+    LayerAdapter,
+    Method,
+    PeftContext,
+    Selection,
+    bias_selections,
+    factory,
+    peft_target_fields,
+    register,
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -446,16 +454,6 @@ class Boft(LayerAdapter):
 
 
 # -- the methods --------------------------------------------------------------------------------------------
-def _bias_selection(model: nn.Module, bias: str, targets: list[str]) -> list[Selection]:
-    if bias == "none":
-        return []
-    biases = [n for n, _ in base_parameters(model) if n.endswith(".bias")]
-    if bias != "all":
-        wanted = {t + ".bias" for t in targets}
-        biases = [n for n in biases if n in wanted]
-    return [Selection(n) for n in biases]
-
-
 def _peft_targets(ctx: PeftContext, method: str) -> None:
     """PEFT 0.21's OFT and BOFT wrap nn.Linear (and Conv2d / Embedding), not GPT-2's Conv1D."""
     if ctx.target_kinds - {"linear"}:
@@ -478,7 +476,7 @@ class OftMethod(Method):
     def select(self, model: nn.Module, cfg: OftConfig, targets: list[str], init: bool = True,
                data: Iterable[dict] | None = None) -> list[Selection]:
         """The `bias` option: biases of the wrapped modules ("oft_only") or of the whole model ("all")."""
-        return _bias_selection(model, cfg.bias, targets)
+        return bias_selections(model, cfg.bias, targets)
 
     def to_peft(self, cfg: OftConfig, ctx: PeftContext) -> dict[str, Any]:
         _peft_targets(ctx, "OFT")
@@ -536,7 +534,7 @@ class BoftMethod(Method):
 
     def select(self, model: nn.Module, cfg: BoftConfig, targets: list[str], init: bool = True,
                data: Iterable[dict] | None = None) -> list[Selection]:
-        return _bias_selection(model, cfg.bias, targets)
+        return bias_selections(model, cfg.bias, targets)
 
     def to_peft(self, cfg: BoftConfig, ctx: PeftContext) -> dict[str, Any]:
         _peft_targets(ctx, "BOFT")

@@ -26,8 +26,17 @@ from torch import Tensor, nn
 
 from slimtune.bases import kind_of, sizes
 from slimtune.config import MethodConfig, check_field, config_from_dict
-from slimtune.layer import AdapterLayer, base_parameters
-from slimtune.methods.base import LayerAdapter, Method, PeftContext, Selection, factory, peft_target_fields, register
+from slimtune.layer import AdapterLayer
+from slimtune.methods.base import (
+    LayerAdapter,
+    Method,
+    PeftContext,
+    Selection,
+    bias_selections,
+    factory,
+    peft_target_fields,
+    register,
+)
 
 _KEY_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
@@ -193,13 +202,7 @@ class VeraMethod(Method):
     def select(self, model: nn.Module, cfg: VeraConfig, targets: list[str], init: bool = True,
                data: Iterable[dict] | None = None) -> list[Selection]:
         """The `bias` option: biases of the wrapped modules ("vera_only") or of the whole model ("all")."""
-        if cfg.bias == "none":
-            return []
-        biases = [n for n, _ in base_parameters(model) if n.endswith(".bias")]
-        if cfg.bias == "vera_only":
-            wanted = {t + ".bias" for t in targets}
-            biases = [n for n in biases if n in wanted]
-        return [Selection(n) for n in biases]
+        return bias_selections(model, cfg.bias, targets)
 
     def to_peft(self, cfg: VeraConfig, ctx: PeftContext) -> dict[str, Any]:
         return {
