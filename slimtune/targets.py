@@ -49,14 +49,25 @@ def find_targets(model: nn.Module, cfg: MethodConfig, skip: set[str] = frozenset
     if cfg.targets == "all-linear":
         heads = output_head_names(model) | set(skip)
         chosen = [n for n, m in candidates if base_kind(m).linear and n not in heads and not _under_any(n, heads)]
+        chosen = narrow(chosen, cfg, by_targets=False)  # "all-linear" chose them
     else:
-        chosen = [n for n, _ in candidates if matches(n, cfg.targets)]
-    if cfg.exclude:
-        chosen = [n for n in chosen if not matches(n, cfg.exclude)]
-    if cfg.layers is not None:
-        chosen = [n for n in chosen if layer_index(n) in cfg.layers]
+        chosen = narrow([n for n, _ in candidates], cfg)
     if not chosen:
         raise TargetNotFoundError(_no_match_message(model, cfg, [n for n, _ in candidates]))
+    return chosen
+
+
+def narrow(names: list[str], cfg: MethodConfig, match=matches, by_targets: bool = True) -> list[str]:
+    """`names` kept by `cfg.targets` (None: all; skipped with by_targets=False), `cfg.exclude` and `cfg.layers`.
+
+    `match(name, pattern)` decides targets and exclude (default: `matches`; selective methods pass one that
+    also looks at the modules above a tensor name).
+    """
+    chosen = [n for n in names if not by_targets or cfg.targets is None or match(n, cfg.targets)]
+    if cfg.exclude:
+        chosen = [n for n in chosen if not match(n, cfg.exclude)]
+    if cfg.layers is not None:
+        chosen = [n for n in chosen if layer_index(n) in cfg.layers]
     return chosen
 
 

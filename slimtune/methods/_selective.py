@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from slimtune.config import MethodConfig
 from slimtune.errors import ConfigError, TargetNotFoundError
 from slimtune.layer import base_name, is_adapter_tensor
-from slimtune.targets import find_targets, layer_index, matches
+from slimtune.targets import find_targets, matches, narrow
 
 
 def base_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -67,12 +67,7 @@ def chosen_tensors(model: nn.Module, cfg: MethodConfig, what: str = "tensor") ->
         modules = find_targets(model, cfg)  # applies exclude and layers too
         names = [n for n in names if any(a in modules for a in ancestors(n))]
     else:
-        if cfg.targets is not None:
-            names = [n for n in names if under(n, cfg.targets)]
-        if cfg.exclude:
-            names = [n for n in names if not under(n, cfg.exclude)]
-        if cfg.layers is not None:
-            names = [n for n in names if layer_index(n) in cfg.layers]
+        names = narrow(names, cfg, match=under)
     tied = tied_names(model)
     chosen = [n for n in names if n not in tied and not in_saved(n, cfg)]
     if not chosen:

@@ -21,7 +21,7 @@ from slimtune.config import MethodConfig
 from slimtune.errors import TargetNotFoundError
 from slimtune.layer import base_parameters
 from slimtune.methods.base import Method, PeftContext, Selection, register
-from slimtune.targets import layer_index, matches
+from slimtune.targets import narrow
 
 
 @dataclass
@@ -39,11 +39,7 @@ class BitFitMethod(Method):
     def select(self, model: nn.Module, cfg: BitFitConfig, targets: list[str], init: bool = True,
                data: Iterable[dict] | None = None) -> list[Selection]:
         owners = [n.removesuffix(".bias") for n, _ in base_parameters(model) if n.endswith(".bias")]
-        chosen = [o for o in owners if cfg.targets is None or matches(o, cfg.targets)]
-        if cfg.exclude:
-            chosen = [o for o in chosen if not matches(o, cfg.exclude)]
-        if cfg.layers is not None:
-            chosen = [o for o in chosen if layer_index(o) in cfg.layers]
+        chosen = narrow(owners, cfg)
         if not chosen:
             leaves = ", ".join(sorted({o.split(".")[-1] for o in owners}))
             where = f"; modules with a bias here: {leaves}" if owners else ""

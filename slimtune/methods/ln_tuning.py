@@ -25,7 +25,7 @@ from slimtune.config import MethodConfig, config_from_dict
 from slimtune.errors import TargetNotFoundError
 from slimtune.methods._selective import in_saved, tied_names
 from slimtune.methods.base import Method, PeftContext, Selection, peft_target_fields, register
-from slimtune.targets import base_modules, layer_index, matches
+from slimtune.targets import base_modules, narrow
 
 PEFT_PART = "ln_tuning_layers"  # HF PEFT's module holding the trained copy
 
@@ -50,11 +50,7 @@ def norm_modules(model: nn.Module) -> list[str]:
 
 def chosen_norms(model: nn.Module, cfg: LnTuningConfig) -> list[str]:
     norms = norm_modules(model)
-    chosen = [n for n in norms if cfg.targets is None or matches(n, cfg.targets)]
-    if cfg.exclude:
-        chosen = [n for n in chosen if not matches(n, cfg.exclude)]
-    if cfg.layers is not None:
-        chosen = [n for n in chosen if layer_index(n) in cfg.layers]
+    chosen = narrow(norms, cfg)
     if not chosen:
         leaves = ", ".join(sorted({n.split(".")[-1] for n in norms})) or "none"
         raise TargetNotFoundError(f"LnTuningConfig(targets={cfg.targets!r}, layers={cfg.layers!r}) selects no norm "
