@@ -360,3 +360,14 @@ def test_configs_round_trip_through_json():
     for cfg in (BottleneckConfig.parallel(drop_layers=1), rf16_compacter(variant="compacter++")):
         again = st.config_from_dict(cfg.to_dict())
         assert again == cfg and again.targets == cfg.targets
+
+
+def test_random_adapterdrop_never_skips_every_block():
+    """A step with every adapter skipped has nothing to train (backward fails): one block always keeps its own."""
+    drop = AdapterDrop(drop_layers=0, drop_prob=0.99, n_blocks=2)
+    for _ in range(50):
+        drop.redraw()
+        assert not all(drop.skips(b, training=True) for b in range(2))
+    model = st.attach(tiny_llama(), BottleneckConfig.houlsby(drop_prob=0.99))
+    data = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert len(fit(model, data, steps=5, lr=1e-2)) == 5  # every step backpropagates

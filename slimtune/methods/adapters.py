@@ -225,9 +225,14 @@ class AdapterDrop(nn.Module):
         self.redraw()
 
     def redraw(self) -> None:
-        """A new random set of dropped blocks (training with drop_prob > 0)."""
+        """A new random set of dropped blocks (training with drop_prob > 0). One block above `drop_layers` always
+        keeps its adapters: a step with every adapter skipped would have nothing to backpropagate into."""
         if self.drop_prob > 0:
-            self.dropped = (torch.rand(self.n_blocks) < self.drop_prob).tolist()
+            dropped = torch.rand(self.n_blocks) < self.drop_prob
+            live = torch.arange(self.drop_layers, self.n_blocks)
+            if bool(dropped[live].all()):
+                dropped[live[torch.randint(len(live), ())]] = False
+            self.dropped = dropped.tolist()
 
     def skips(self, block: int | None, training: bool) -> bool:
         if block is None:
