@@ -59,15 +59,17 @@ def randomize(model, scale: float = 0.1, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def fit(model, data: torch.Tensor, steps: int, lr: float) -> list[float]:
-    """Causal-LM losses of `steps` AdamW steps on one fixed batch (labels = inputs)."""
+def fit(model, data: torch.Tensor, steps: int, lr: float, weight_decay: float = 0.01) -> list[float]:
+    """Causal-LM losses of `steps` AdamW steps on one fixed batch (labels = inputs), with `model.step()`
+    after every optimizer step and before zero_grad, as a plain training loop calls it."""
     model.train()
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=lr)
+    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=lr, weight_decay=weight_decay)
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = model(input_ids=data, labels=data).loss
         loss.backward()
         opt.step()
+        model.step(step, opt)
         opt.zero_grad()
         losses.append(loss.item())
     return losses

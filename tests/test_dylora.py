@@ -15,7 +15,7 @@ from slimtune.bases import sizes
 from slimtune.cli import main
 from slimtune.layer import AdapterLayer
 from slimtune.methods.dylora import DyLoraConfig, sample_rank
-from tests.conftest import VOCAB, output, randomize, tiny_gpt2, tiny_llama
+from tests.conftest import VOCAB, fit, output, randomize, tiny_gpt2, tiny_llama
 
 TOL = 1e-5
 LLAMA = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -177,13 +177,7 @@ def _lm_loss(model, data: torch.Tensor) -> float:
 
 def _train(model, data: torch.Tensor, steps: int = 40):
     """AdamW on one fixed batch, with model.step after every optimizer step (DyLoRA draws its next rank)."""
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
-    model.train()
-    for step in range(1, steps + 1):
-        model(input_ids=data, labels=data).loss.backward()
-        opt.step()
-        model.step(step, opt)
-        opt.zero_grad()
+    fit(model, data, steps, lr=1e-2)
     return model.eval()
 
 

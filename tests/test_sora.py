@@ -138,16 +138,7 @@ def test_sparsity_warms_up_linearly():
 
 
 def _train(model, data: torch.Tensor, steps: int, lr: float) -> list[float]:
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(1, steps + 1):
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        opt.step()
-        model.step(step, opt)
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit(model, data, steps, lr, weight_decay=0.0)
     model.eval()
     return losses
 
