@@ -359,8 +359,10 @@ class TunedModel(nn.Module):
         """Adapter `name`'s modules: per wrapped layer, the shared state, the input adapter."""
         name = self._one_name(name)
         layers = {n: m for n, m in self._layers(named=True) if name in m.adapters}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        selections = {names[id(s.base)]: s.entries[name] for s in self._selected.values() if name in s.entries}
+        selections = {}
+        if any(name in s.entries for s in self._selected.values()):  # view() runs per step: walk only if needed
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            selections = {names[id(s.base)]: s.entries[name] for s in self._selected.values() if name in s.entries}
         return AdapterView(name, {n: m.adapters[name] for n, m in layers.items()},
                            {n: m.base_layer for n, m in layers.items()},
                            self.shared[name] if name in self.shared else None,
