@@ -6,6 +6,7 @@ from slimtune import (
     optim,  # noqa: E402
     quant,  # noqa: E402  (registers the quantized base kinds)
 )
+from slimtune.composition import Average, Fuse, Parallel, Split, Stack  # noqa: E402
 from slimtune.config import MethodConfig, config_from_dict, load_config  # noqa: E402
 from slimtune.errors import (  # noqa: E402
     AdapterLoadError,
@@ -18,6 +19,7 @@ from slimtune.errors import (  # noqa: E402
 from slimtune.methods import METHODS  # noqa: E402
 from slimtune.methods.adalora import AdaLoraConfig  # noqa: E402
 from slimtune.methods.adamix import AdaMixConfig  # noqa: E402
+from slimtune.methods.adapter_fusion import FusionConfig  # noqa: E402
 from slimtune.methods.adapters import BottleneckConfig  # noqa: E402
 from slimtune.methods.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from slimtune.methods.aflora import AfloraConfig  # noqa: E402
@@ -53,6 +55,12 @@ from slimtune.quant import dequantize, quantize  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
 __all__ = [
+    "Stack",
+    "Split",
+    "Parallel",
+    "FusionConfig",
+    "Fuse",
+    "Average",
     "METHODS",
     "AdaLoraConfig",
     "AdaMixConfig",

@@ -10,18 +10,25 @@ by row group.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from slimtune import composition
+from slimtune.composition import Block
 
 
 @dataclass
 class AdapterState:
     """State shared by every layer of one TunedModel."""
 
-    active: list[str] = field(default_factory=list)
-    routing: list[str | None] | None = None
+    active: list[str] = field(default_factory=list)  # adapter names in the active setup
+    setup: Block | None = None  # a composition (Average, Split, Fuse, Parallel, nested); None: `active` stacks
+    routing: list[str | Block | None] | None = None
     disabled: bool = False
+    call: dict[str, Any] = field(default_factory=dict)  # keyword arguments of this call the methods read
+    rows: Tensor | None = None  # rows of the call the running adapter sees (mixed batches)
 
 
 _WRAPPER_PARTS = (".base_layer", ".original_module")
@@ -64,6 +71,8 @@ class AdapterLayer(nn.Module):
         if state.routing is not None and not state.disabled:
             return self._routed(x, state.routing, args, kwargs)
         live = [] if state.disabled else [n for n in state.active if n in self.adapters and n not in self.merged]
+        if state.setup is not None and live:
+            return self._composed(state.setup, live, x, args, kwargs)
         idle = [a for n, a in self.adapters.items()
                 if a.changes_base and n not in live and n not in self.merged and n not in self._released]
         if len(live) == 1 and not idle and not args and not kwargs:
@@ -80,6 +89,28 @@ class AdapterLayer(nn.Module):
         for adapter in adapters:
             out = adapter(x, out, self.base_layer)
         return out
+
+    def _composed(self, setup: Block, live: list[str], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """A composition block's output here (composition.py). Input-side adapters may only be children of a
+        top-level Stack (their transforms apply first, as in a plain list); blocks combine output sides."""
+        top = setup.children if isinstance(setup, composition.Stack) else ()
+        for name in live:
+            if self.adapters[name].transforms_input:
+                if name not in top:
+                    raise NotImplementedError(f"adapter {name!r} changes this layer's input, which a "
+                                              f"{type(setup).__name__} block cannot combine; stack it at the top")
+                x = self.adapters[name].transform_input(x, self.base_layer)
+        out = self.base_layer(x, *args, **kwargs)
+        for name, adapter in self.adapters.items():
+            if adapter.changes_base and name not in live and name not in self.merged + self._released:
+                out = adapter.inactive_forward(x, out, self.base_layer)
+        return composition.apply(setup, x, out, self._leaf, self._fuse, live.__contains__)
+
+    def _leaf(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        return self.adapters[name](x, out, self.base_layer)
+
+    def _fuse(self, name: str, x: Tensor, out: Tensor, deltas: list[Tensor]) -> Tensor:
+        return self.adapters[name].fuse(x, out, deltas, self.base_layer)
 
     # -- merge ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -132,12 +163,16 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"adapter_names has {len(routing)} entries but the batch has {x.shape[0]} rows")
         out = self.base_layer(x, *args, **kwargs)
         rows_of: dict[str, list[int]] = {}
+        rows_of_block: dict[Block, list[int]] = {}
         for i, name in enumerate(routing):
-            if name is not None and name in self.adapters:
+            if isinstance(name, Block):
+                rows_of_block.setdefault(name, []).append(i)
+            elif name is not None and name in self.adapters:
                 rows_of.setdefault(name, []).append(i)
         for name, adapter in self.adapters.items():  # rows that do not use a base-changing adapter
             if adapter.changes_base and name not in self.merged:
-                others = [i for i, n in enumerate(routing) if n != name]
+                others = [i for i, n in enumerate(routing) if n != name
+                          and not (isinstance(n, Block) and name in composition.leaves(n))]
                 if others:
                     out = self._on_rows(others, out, lambda xr, o, a=adapter: a.inactive_forward(xr, o,
                                                                                                self.base_layer), x)
@@ -151,11 +186,26 @@ class AdapterLayer(nn.Module):
                 out = self._rows_one_adapter(names[0], rows_of[names[0]], x, out, args, kwargs)
             else:
                 out = self._rows_batched(names, rows_of, x, out)
+        for block, rows in rows_of_block.items():
+            live = [n for n in composition.leaves(block) if n in self.adapters and n not in self.merged]
+            if live:
+                out = self._on_rows(rows, out, lambda xr, o, b=block, lv=live: self._composed_rows(b, lv, xr, o), x)
         return out
+
+    def _composed_rows(self, block: Block, live: list[str], x: Tensor, out: Tensor) -> Tensor:
+        for name in live:
+            if self.adapters[name].transforms_input:
+                raise NotImplementedError(f"adapter {name!r} changes this layer's input, which cannot be combined "
+                                          f"in a {type(block).__name__} block")
+        return composition.apply(block, x, out, self._leaf, self._fuse, live.__contains__)
 
     def _on_rows(self, rows: list[int], out: Tensor, fn, x: Tensor) -> Tensor:
         index = torch.tensor(rows, device=out.device)
-        return out.index_copy(0, index, fn(x.index_select(0, index), out.index_select(0, index)))
+        self._state.rows = index  # what `call_argument()` slices call arguments to
+        try:
+            return out.index_copy(0, index, fn(x.index_select(0, index), out.index_select(0, index)))
+        finally:
+            self._state.rows = None
 
     def _rows_one_adapter(self, name: str, rows: list[int], x: Tensor, out: Tensor, args: tuple,
                           kwargs: dict) -> Tensor:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimtune import adapter_files
+from slimtune import adapter_files, composition
 from slimtune.bases import kind_of
+from slimtune.composition import Block, Fuse, Parallel, Stack
 from slimtune.config import MethodConfig
 from slimtune.errors import AdapterLoadError, AdapterNameError, ConfigError, SlimtuneError, did_you_mean
 from slimtune.io import CONFIG_NAME
@@ -46,6 +47,7 @@ class TunedModel(nn.Module):
         self.selections = nn.ModuleDict()  # adapter name -> {tensor key -> TunedEntries}
         self.configs: dict[str, MethodConfig] = {}
         self._state = AdapterState()
+        self._train: list[str] = []  # active adapters whose tensors train (use(..., train=))
         self._selected: dict[tuple[int, str], SelectedTensor] = {}
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
@@ -59,9 +61,10 @@ class TunedModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     # -- calling -----------------------------------------------------------------------------
-    def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
-        """Call the base model; `adapter_names` gives one adapter name (or None: base) per row."""
-        with self._routing(adapter_names), self._input_methods(adapter_names) as inputs:
+    def forward(self, *args, adapter_names: list[str | Block | None] | None = None, **kwargs):
+        """Call the base model; `adapter_names` gives one adapter name (a block, or None: base) per row."""
+        with self._call(args, kwargs, adapter_names) as (args, kwargs, adapter_names), \
+                self._routing(adapter_names), self._input_methods(adapter_names) as inputs:
             if inputs and args:
                 kwargs["input_ids"], args = args[0], args[1:]
             for adapter, rows in inputs:
@@ -71,8 +74,9 @@ class TunedModel(nn.Module):
                 out = adapter.finish(out, kwargs)
             return out
 
-    def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
-        with self._routing(adapter_names), self._input_methods(adapter_names) as inputs:
+    def generate(self, *args, adapter_names: list[str | Block | None] | None = None, **kwargs):
+        with self._call(args, kwargs, adapter_names) as (args, kwargs, adapter_names), \
+                self._routing(adapter_names), self._input_methods(adapter_names) as inputs:
             if inputs and args:
                 kwargs["input_ids"], args = args[0], args[1:]
             for adapter, rows in inputs:
@@ -81,6 +85,23 @@ class TunedModel(nn.Module):
             for adapter, _ in reversed(inputs):
                 out = adapter.finish_generate(out)
             return out
+
+    @contextlib.contextmanager
+    def _call(self, args: tuple, kwargs: dict, adapter_names: list | None) -> Iterator[tuple]:
+        """Take the methods' call arguments (task_ids) out of the call; a Parallel setup repeats the batch
+        once per child and routes each copy to its child."""
+        state = self._state
+        declared = {a for c in self.configs.values() for a in METHODS[c.method].method.call_arguments}
+        state.call = {k: kwargs.pop(k) for k in list(kwargs) if k in declared}
+        setup = state.setup
+        if isinstance(setup, Parallel) and adapter_names is None and not state.disabled:
+            args, kwargs, rows = composition.repeat_batch(args, kwargs, len(setup.children))
+            state.call = composition.repeat_batch((), state.call, len(setup.children))[1]
+            adapter_names = [child for child in setup.children for _ in range(rows)]
+        try:
+            yield args, kwargs, adapter_names
+        finally:
+            state.call = {}
 
     @contextlib.contextmanager
     def _input_methods(self, adapter_names: list[str | None] | None) -> Iterator[list]:
@@ -98,8 +119,9 @@ class TunedModel(nn.Module):
         if adapter_names is None:
             return [(self.inputs[n], None) for n in self._state.active if n in self.inputs]
         out = []
-        for name in dict.fromkeys(n for n in adapter_names if n in self.inputs):
-            out.append((self.inputs[name], torch.tensor([n == name for n in adapter_names])))
+        per_row = [composition.leaves(n) if n is not None else [] for n in adapter_names]
+        for name in dict.fromkeys(n for names in per_row for n in names if n in self.inputs):
+            out.append((self.inputs[name], torch.tensor([name in names for names in per_row])))
         return out
 
     @contextlib.contextmanager
@@ -107,10 +129,10 @@ class TunedModel(nn.Module):
         if adapter_names is None:
             yield
             return
-        for name in adapter_names:
-            if name is not None and name not in self.configs:
+        for name in (n for entry in adapter_names if entry is not None for n in composition.leaves(entry)):
+            if name not in self.configs:
                 raise AdapterNameError(self._unknown(name))
-            if name is not None and name in self.selections and len(self.selections[name]):
+            if name in self.selections and len(self.selections[name]):
                 raise NotImplementedError(f"adapter_names: adapter {name!r} ({self.configs[name].method}) tunes base "
                                           "tensors, which cannot differ per row; use model.use() instead")
         if self._merged_names():
@@ -162,18 +184,20 @@ class TunedModel(nn.Module):
         for target, adapter in layers.items():
             layer = self._wrap(target)
             layer.adapters[name] = adapter
+            adapter.__dict__["_adapter_state"] = self._state  # call_argument() reads the call through it
             adapter.install(layer.base_layer)
         for target in saved:
             self._wrap_saved(target).add(name)
         if input_adapter is not None:
             self.inputs[name] = input_adapter
+            input_adapter.__dict__["_adapter_state"] = self._state
             input_adapter.attach(self.model)
         if shared is not None:
             self.shared[name] = shared
         self._install_selections(name, selections)
         self.configs[name] = config
         if not self._state.active:
-            self._state.active = [name]
+            self._state.active, self._train = [name], [name]
         self._refresh_trainable()
         if info.has_attached:
             info.method.attached(self.view(name), config)
@@ -237,17 +261,67 @@ class TunedModel(nn.Module):
         state = self._state
         return not state.disabled and state.routing is None and name in state.active
 
-    def use(self, names: str | list[str]) -> TunedModel:
-        """Set the active adapter(s); several compose (their deltas add up)."""
-        names = [names] if isinstance(names, str) else list(names)
+    def use(self, names: str | list[str] | Block, train: list[str] | None = None) -> TunedModel:
+        """Set the active setup: an adapter name, a list (composed in order: deltas add up), or a
+        composition block (st.Stack, st.Parallel, st.Average, st.Split, st.Fuse; docs/composition.md).
+
+        train: the active adapters whose tensors train; default every active one except the children of
+        a Fuse block (AdapterFusion trains the fusion over frozen adapters).
+        """
+        setup = composition.normalize(self._fill_fusion(names)) if isinstance(names, Block) else None
+        flat = composition.flat_names(setup) if setup is not None else None
+        names = flat if setup is not None and flat is not None else (
+            composition.leaves(setup) if setup is not None else [names] if isinstance(names, str) else list(names))
         for name in names:
             if name not in self.configs:
                 raise AdapterNameError(self._unknown(name))
+        setup = None if flat is not None else setup
+        if setup is not None:
+            self._check_setup(setup)
+        frozen = composition.fused_children(setup) if setup is not None else []
+        train = [n for n in names if n not in frozen] if train is None else list(train)
+        for name in train:
+            if name not in names:
+                raise AdapterNameError(f"train={train!r}: {name!r} is not in the active setup {names}")
         if self._merged_names():
             raise RuntimeError("cannot change the active set while adapters are merged: call unmerge() first")
-        self._state.active = names
+        self._state.active, self._state.setup, self._train = names, setup, train
         self._refresh_trainable()
         return self
+
+    @property
+    def setup(self) -> list[str] | Block:
+        """The active setup as given to `use()` (a block, or the list of active names)."""
+        return self._state.setup if self._state.setup is not None else list(self._state.active)
+
+    def _fill_fusion(self, node: str | Block) -> str | Block:
+        """A Fuse without `fusion=` takes the one attached fusion adapter."""
+        if isinstance(node, str):
+            return node
+        kids = [self._fill_fusion(c) for c in node.children]
+        if isinstance(node, Fuse) and node.fusion is None:
+            fusions = [n for n in self.configs if any(l.adapters[n].fuses for l in self._layers() if n in l.adapters)]
+            if len(fusions) != 1:
+                raise ConfigError(f"{node!r}: name the fusion adapter with fusion=...; fusion adapters here: "
+                                  f"{fusions or 'none (add one, e.g. st.FusionConfig)'}")
+            return Fuse(*kids, fusion=fusions[0])
+        return composition._rebuild(node, kids)
+
+    def _check_setup(self, setup: Block) -> None:
+        """Input and selective adapters change the whole call: only a Stack or a Parallel child may hold them."""
+        top = setup.children if isinstance(setup, (Stack, Parallel)) else ()
+        for block in composition.walk(setup):
+            for child in block.children:
+                if isinstance(child, str) and (child in self.inputs or child in self.selections) \
+                        and not (child in top or any(child in t.children for t in top if isinstance(t, Stack))):
+                    raise NotImplementedError(f"adapter {child!r} ({self.configs[child].method}) changes the model call"
+                                              f" or base tensors, which a {type(block).__name__} block cannot "
+                                              "combine; stack it (a plain list or Stack) instead")
+        for block in composition.walk(setup):
+            if isinstance(block, Fuse) and not any(l.adapters[block.fusion].fuses for l in self._layers()
+                                                   if block.fusion in l.adapters):
+                raise ConfigError(f"{block!r}: adapter {block.fusion!r} ({self.configs[block.fusion].method}) is "
+                                  "not a fusion adapter")
 
     def delete(self, name: str) -> None:
         """Remove an adapter (giving back any base weights its init took)."""
@@ -272,7 +346,10 @@ class TunedModel(nn.Module):
                 remove_property(selected.owner, selected.attr)
                 del self._selected[key]
         del self.configs[name]
+        if self._state.setup is not None and name in composition.leaves(self._state.setup):
+            self._state.setup = None  # the rest stays active as a plain list
         self._state.active = [n for n in self._state.active if n != name]
+        self._train = [n for n in self._train if n != name]
         self._unwrap_empty()
 
     @property
@@ -295,6 +372,9 @@ class TunedModel(nn.Module):
     # -- merge / detach ----------------------------------------------------------------------
     def merge(self) -> TunedModel:
         """Fold the active adapters into the base weights in place (no-op where already merged)."""
+        if self._state.setup is not None:
+            raise NotImplementedError(f"merge() with the setup {self._state.setup!r}: only a plain list (Stack) of "
+                                      "adapters folds into the weights; st.merge_adapters combines adapters into one")
         for name in self._state.active:
             info = METHODS[self.configs[name].method]
             if not info.method.is_mergeable(self.configs[name]):
@@ -500,7 +580,7 @@ class TunedModel(nn.Module):
 
     def _refresh_trainable(self) -> None:
         """Only the active adapters' tensors train (minus each layer adapter's `frozen` ones)."""
-        active = set(self._state.active)
+        active = set(self._train)
         for layer in self._layers():
             for name, adapter in layer.adapters.items():
                 for pname, p in adapter.named_parameters():

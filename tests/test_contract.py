@@ -65,6 +65,9 @@ class Example:
     images: bool = False  # the model takes IMAGES instead of token ids
     exact_atol: float = 0.0  # disabled() and save -> load are bit-exact, except where the base holds a residual
     data: Callable[[], list[dict]] | None = None  # calibration batches, for methods with needs_data
+    #: adapters attached (and perturbed) before the example's, which then runs in `setup(names)` (AdapterFusion)
+    children: Callable[[], dict[str, st.MethodConfig]] | None = None
+    setup: Callable[[list[str]], object] | None = None
 
 
 def per_family(config: Callable[[str], st.MethodConfig], families=("llama", "gpt2", "bert"),
@@ -119,6 +122,17 @@ def table() -> dict[str, Example]:
     add("fourierft", per_family(lambda f: st.FourierFTConfig(n_frequency=50, targets=LINEARS[f])))
     add("hra", per_family(lambda f: st.HRAConfig(r=2, targets=LINEARS[f])))
     add("bottleneck", per_family(lambda f: st.BottleneckConfig.houlsby(layer_norm="both", scaling="learned")))
+    def fuse(names: list[str]) -> st.Fuse:
+        return st.Fuse(*names, fusion="default")
+
+    add("adapter_fusion", {fam: Example(FAMILIES[fam], lambda: st.FusionConfig(adapters=["a", "b"], dropout=0.0),
+                                        children=lambda: {n: st.BottleneckConfig.pfeiffer() for n in "ab"},
+                                        setup=fuse) for fam in FAMILIES})
+    add("adapter_fusion", {"lora_in_stack": Example(
+        tiny_llama, lambda: st.FusionConfig(adapters=["b", "c"], value=False),
+        children=lambda: {"a": st.IA3Config(targets=["down_proj"], feedforward=True),
+                          **{n: st.LoraConfig(r=2, targets=LINEARS["llama"]) for n in "bc"}},
+        setup=lambda names: st.Stack("a", st.Fuse("b", "c", fusion="default")))})
     add("bottleneck", {"pfeiffer_drop": Example(tiny_llama, lambda: st.BottleneckConfig.pfeiffer(drop_layers=1))})
     add("bottleneck", {f"parallel-{k}": v for k, v in per_family(lambda f: st.BottleneckConfig.parallel(),
                                                                    families=("llama", "gpt2")).items()})
@@ -214,7 +228,7 @@ def test_every_registered_method_has_an_example():
 def test_contract(example_id, ids, tmp_path):
     ex = EXAMPLES[example_id]
     ref, original = run(ex.make(), ex, ids), base_state(ex.make())
-    model = st.attach(ex.make(), ex.config(), data=ex.data() if ex.data else None)
+    model = attach_example(ex)
     visited = []
     model.apply(visited.append)  # nn.Module.apply reaches every adapter module (none shadows it)
     assert len(visited) == len(list(model.modules()))
@@ -223,8 +237,7 @@ def test_contract(example_id, ids, tmp_path):
     assert not torch.allclose(adapted, ref)
     with model.disabled():
         torch.testing.assert_close(run(model, ex, ids), ref, atol=ex.exact_atol, rtol=0)
-    model.save(tmp_path / "a")
-    loaded = st.load(ex.make(), tmp_path / "a")
+    loaded = save_and_load(model, ex, tmp_path)
     torch.testing.assert_close(run(loaded, ex, ids), adapted, atol=ex.exact_atol, rtol=0)
     check_gradients(model, ex, ids)
     check_fused_paths(model)
@@ -242,6 +255,30 @@ def test_contract(example_id, ids, tmp_path):
     assert set(plain.state_dict()) == set(original)
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(v, original[k], atol=W_TOL, rtol=W_TOL, msg=k)
+
+
+def attach_example(ex: Example) -> st.TunedModel:
+    if ex.children is None:
+        return st.attach(ex.make(), ex.config(), data=ex.data() if ex.data else None)
+    children = ex.children()
+    model = st.TunedModel(ex.make())
+    for name, config in children.items():
+        model.add(config, name)
+    model.use(list(children))
+    perturb(model)
+    model.add(ex.config(), "default")
+    return model.use(ex.setup(list(children)))
+
+
+def save_and_load(model: st.TunedModel, ex: Example, tmp_path) -> st.TunedModel:
+    if ex.children is None:
+        model.save(tmp_path / "a")
+        return st.load(ex.make(), tmp_path / "a")
+    loaded = st.TunedModel(ex.make())
+    for name in model.configs:
+        model.save(tmp_path / name, name=name)
+        loaded = st.load(loaded, tmp_path / name, name=name)
+    return loaded.use(model.setup)
 
 
 def check_gradients(model: st.TunedModel, ex: Example, ids: torch.Tensor) -> None:
@@ -273,6 +310,9 @@ def check_fused_paths(model: st.TunedModel) -> None:
                 continue
             params = [p for p in adapter.parameters() if p.requires_grad]
             want = adapter.forward(x, base(x), base)
+            if not params:  # a frozen adapter (a fused child): outputs only
+                torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)
+                continue
             g_fused = torch.autograd.grad(fused.pow(2).sum(), params, allow_unused=True)
             g_want = torch.autograd.grad(want.pow(2).sum(), params, allow_unused=True)
             torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,8 @@ from slimtune.methods import METHODS
 from tests.conftest import output, randomize, tiny_gpt2, tiny_llama
 
 SLIMTUNE = Path(st.__file__).parent
-ENGINE = ["io.py", "tuned.py", "layer.py", "targets.py", "config.py", "bases.py", "selection.py", "adapter_files.py"]
+ENGINE = ["io.py", "tuned.py", "layer.py", "composition.py", "targets.py", "config.py", "bases.py", "selection.py",
+          "adapter_files.py"]
 
 
 # -- structure ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from slimtune.methods import (  # noqa: F401
     adalora,
     adamix,
+    adapter_fusion,
     adapters,
     adaption_prompt,
     aflora,

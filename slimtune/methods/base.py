@@ -30,6 +30,18 @@ PEFT_PREFIX = "base_model.model."  # HF PEFT's prefix of module tensors in adapt
 PEFT_SHORT_PREFIX = "base_model."  # the same for prompt-learning methods (their PeftModel holds the model directly)
 
 
+def call_argument(module: nn.Module, name: str, default: Any = None) -> Any:
+    """Keyword argument `name` of the current model call (one the method lists in `Method.call_arguments`,
+    e.g. task_ids), cut to the rows this adapter is running on in a mixed batch; `default` when absent."""
+    state = module.__dict__.get("_adapter_state")
+    if state is None or name not in state.call:
+        return default
+    value = state.call[name]
+    if state.rows is not None and isinstance(value, Tensor) and value.dim() > 0:
+        value = value.index_select(0, state.rows.to(value.device))
+    return value
+
+
 class LayerAdapter(nn.Module):
     """One adapter on one wrapped module (LoRA's A and B on a q_proj, say).
 
@@ -47,6 +59,18 @@ class LayerAdapter(nn.Module):
     changes_base: ClassVar[bool] = False
     #: True when `transform_input` is not the identity ((IA)3 on a feed-forward input)
     transforms_input: ClassVar[bool] = False
+    #: True for a fusion layer: `fuse()` combines other adapters' outputs inside a `Fuse` block
+    fuses: ClassVar[bool] = False
+
+    def call_argument(self, name: str, default: Any = None) -> Any:
+        """A keyword argument of the model call the method declared (`Method.call_arguments`), for this
+        adapter's rows."""
+        return call_argument(self, name, default)
+
+    def fuse(self, x: Tensor, base_out: Tensor, deltas: list[Tensor], base: nn.Module) -> Tensor:
+        """Inside `Fuse(...)`: the output given the base output and each child's delta (`fuses = True`)."""
+        raise TypeError(f"{type(self).__name__} is not a fusion layer: Fuse(..., fusion=...) must name an "
+                        "adapter such as an AdapterFusion one")
 
     def forward(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
         """What the wrapped module outputs, given its input and the base module's output."""
@@ -127,6 +151,10 @@ class InputAdapter(nn.Module):
     post-processes the output. `rows` is a bool tensor of the batch rows this adapter applies to
     (None: all rows). `generate()` goes through `prepare_generate` / `finish_generate`.
     """
+
+    def call_argument(self, name: str, default: Any = None) -> Any:
+        """A keyword argument of the model call the method declared (`Method.call_arguments`), all rows."""
+        return call_argument(self, name, default)
 
     def attach(self, model: nn.Module) -> None:
         """Install hooks on the base model (called once the adapter is added)."""
@@ -230,6 +258,9 @@ class Method:
     #: True when `select` needs calibration batches (`st.attach(..., data=batches)`); `slimtune train` passes
     #: the first `calibration_batches` training batches
     needs_data: ClassVar[bool] = False
+    #: keyword arguments of the model call this method reads (`task_ids`): `TunedModel` takes them out of
+    #: the call (the base never sees them) and adapters read them with `self.call_argument(name)`
+    call_arguments: ClassVar[tuple[str, ...]] = ()
     #: True when `step` freezes tensors during training (AFLoRA): data-parallel training must then
     #: tolerate parameters that stop receiving gradients (DDP's find_unused_parameters)
     changes_trainable: ClassVar[bool] = False
