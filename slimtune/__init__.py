@@ -50,7 +50,7 @@ from slimtune.methods.spt import SptConfig  # noqa: E402
 from slimtune.methods.ssf import SsfConfig  # noqa: E402
 from slimtune.methods.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
-from slimtune.multitask import merge_adapters  # noqa: E402
+from slimtune.multitask import LoraHubResult, lorahub, merge_adapters  # noqa: E402
 from slimtune.quant import dequantize, quantize  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
@@ -89,6 +89,7 @@ __all__ = [
     "LohaConfig",
     "LokrConfig",
     "LoraConfig",
+    "LoraHubResult",
     "LoraSPConfig",
     "LtSftConfig",
     "MethodConfig",
@@ -111,6 +112,7 @@ __all__ = [
     "dequantize",
     "load",
     "load_config",
+    "lorahub",
     "merge_adapters",
     "optim",
     "quant",

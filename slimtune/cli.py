@@ -1,5 +1,5 @@
 """The `slimtune` command line. Training verbs live in slimtune/train/cli.py; this file holds the
-adapter-file verbs (methods, inspect, merge, merge-adapters, export, convert) and bench."""
+adapter-file verbs (methods, inspect, merge, merge-adapters, export, convert, lorahub) and bench."""
 
 from __future__ import annotations
 
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="result JSON (default bench/results/SUITE.json)")
     p.set_defaults(func=_cmd_bench)
 
+    from slimtune.multitask.lorahub import add_parser as add_lorahub_parser
+
+    add_lorahub_parser(sub)
     try:
         from slimtune.train.cli import add_commands
     except ImportError:
