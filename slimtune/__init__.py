@@ -39,10 +39,12 @@ from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
 from slimtune.methods.lt_sft import LtSftConfig  # noqa: E402
+from slimtune.methods.moelora import MoeLoraConfig, merge_for_task  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.p_tuning import PTuningConfig  # noqa: E402
 from slimtune.methods.pasta import PastaConfig  # noqa: E402
 from slimtune.methods.periodic_lora import PeriodicLoraConfig  # noqa: E402
+from slimtune.methods.poly import PolyConfig  # noqa: E402
 from slimtune.methods.prefix_tuning import PrefixTuningConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from slimtune.methods.sora import SoraConfig  # noqa: E402
@@ -93,10 +95,12 @@ __all__ = [
     "LoraSPConfig",
     "LtSftConfig",
     "MethodConfig",
+    "MoeLoraConfig",
     "OftConfig",
     "PTuningConfig",
     "PastaConfig",
     "PeriodicLoraConfig",
+    "PolyConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "SlimtuneError",
@@ -114,6 +118,7 @@ __all__ = [
     "load_config",
     "lorahub",
     "merge_adapters",
+    "merge_for_task",
     "optim",
     "quant",
     "quantize",

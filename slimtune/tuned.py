@@ -28,7 +28,7 @@ from slimtune.config import MethodConfig
 from slimtune.errors import AdapterLoadError, AdapterNameError, ConfigError, SlimtuneError, did_you_mean
 from slimtune.io import CONFIG_NAME
 from slimtune.layer import AdapterLayer, AdapterState, SavedModule
-from slimtune.methods.base import METHODS, AdapterView, LayerAdapter, MethodInfo, Selection
+from slimtune.methods.base import METHODS, AdapterView, InputAdapter, LayerAdapter, MethodInfo, Selection
 from slimtune.selection import SelectedTensor, TunedEntries, install_property, owner_and_attr, remove_property
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -91,7 +91,7 @@ class TunedModel(nn.Module):
         """Take the methods' call arguments (task_ids) out of the call; a Parallel setup repeats the batch
         once per child and routes each copy to its child."""
         state = self._state
-        declared = {a for c in self.configs.values() for a in METHODS[c.method].method.call_arguments}
+        declared = {a for c in self.configs.values() for a in METHODS[c.method].method.call_arguments_of(c)}
         state.call = {k: kwargs.pop(k) for k in list(kwargs) if k in declared}
         setup = state.setup
         if isinstance(setup, Parallel) and adapter_names is None and not state.disabled:
@@ -184,13 +184,13 @@ class TunedModel(nn.Module):
         for target, adapter in layers.items():
             layer = self._wrap(target)
             layer.adapters[name] = adapter
-            adapter.__dict__["_adapter_state"] = self._state  # call_argument() reads the call through it
+            _bind_state(adapter, self._state)
             adapter.install(layer.base_layer)
         for target in saved:
             self._wrap_saved(target).add(name)
         if input_adapter is not None:
             self.inputs[name] = input_adapter
-            input_adapter.__dict__["_adapter_state"] = self._state
+            _bind_state(input_adapter, self._state)
             input_adapter.attach(self.model)
         if shared is not None:
             self.shared[name] = shared
@@ -591,6 +591,14 @@ class TunedModel(nn.Module):
         for holder in (self.inputs, self.selections, self.shared):
             for name, module in holder.items():
                 module.requires_grad_(name in active)  # their fixed tensors are buffers
+
+
+def _bind_state(adapter: nn.Module, state: AdapterState) -> None:
+    """`call_argument()` reads the call through the shared state: give it to the adapter and to any
+    adapter modules inside it (a hybrid's or a mixture's parts)."""
+    for module in adapter.modules():
+        if isinstance(module, (LayerAdapter, InputAdapter)):
+            module.__dict__["_adapter_state"] = state
 
 
 def attach(model: nn.Module, config: MethodConfig, name: str = "default", *,

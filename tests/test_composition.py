@@ -273,3 +273,11 @@ def test_call_arguments_reach_adapters_and_not_the_base(ids):
     model.generate(input_ids=ids[:, :4], task_ids=torch.tensor([0, 1, 2]), max_new_tokens=2, do_sample=False,
                    pad_token_id=0)
     assert adapter.seen[-1] == [0, 1, 2]
+
+
+def test_call_arguments_reach_the_parts_of_a_hybrid(ids):
+    cfg = st.HybridConfig(parts=[TaskShiftConfig(targets=["q_proj"]), st.LoraConfig(r=2, targets=["v_proj"])])
+    model = st.attach(tiny_llama(), cfg)
+    plain, shifted = output(model, ids), output(model, ids, task_ids=torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(plain[:1], shifted[:1])
+    assert not torch.allclose(plain[1:], shifted[1:])

@@ -121,6 +121,11 @@ def table() -> dict[str, Example]:
                                                                          targets=["q_proj"]))})
     add("fourierft", per_family(lambda f: st.FourierFTConfig(n_frequency=50, targets=LINEARS[f])))
     add("hra", per_family(lambda f: st.HRAConfig(r=2, targets=LINEARS[f])))
+    add("moelora", per_family(lambda f: st.MoeLoraConfig(num_experts=2, r=4, num_tasks=3, task_embedding_dim=8,
+                                                         default_task=1, targets=LINEARS[f])))
+    add("poly", per_family(lambda f: st.PolyConfig(r=2, n_tasks=3, n_skills=2, n_splits=2, default_task=1,
+                                                   targets=LINEARS[f])))
+    add("poly", {"one_task": Example(tiny_llama, lambda: st.PolyConfig(r=2, n_skills=2, targets=LINEARS["llama"]))})
     add("bottleneck", per_family(lambda f: st.BottleneckConfig.houlsby(layer_norm="both", scaling="learned")))
     def fuse(names: list[str]) -> st.Fuse:
         return st.Fuse(*names, fusion="default")

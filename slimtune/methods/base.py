@@ -282,6 +282,11 @@ class Method:
 
         return find_targets(model, cfg, skip=skip)
 
+    def call_arguments_of(self, cfg: MethodConfig) -> tuple[str, ...]:
+        """The call arguments an adapter of this config reads (default: the class's `call_arguments`;
+        a hybrid: its parts')."""
+        return self.call_arguments
+
     def is_mergeable(self, cfg: MethodConfig) -> bool:
         """Whether an adapter with this config can merge (default: the class's `mergeable`; a hybrid asks its parts)."""
         return self.mergeable

@@ -179,6 +179,9 @@ class HybridMethod(Method):
                                   "a wrapped module's inner modules cannot be wrapped too")
         return plan
 
+    def call_arguments_of(self, cfg: HybridConfig) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(a for p in cfg.parts for a in _method(p).call_arguments_of(p)))
+
     def is_mergeable(self, cfg: HybridConfig) -> bool:
         return not cfg.gates and all(_method(p).is_mergeable(p) for p in cfg.parts)
 
