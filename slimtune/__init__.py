@@ -23,6 +23,7 @@ from slimtune.methods.adapter_fusion import FusionConfig  # noqa: E402
 from slimtune.methods.adapters import BottleneckConfig  # noqa: E402
 from slimtune.methods.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from slimtune.methods.aflora import AfloraConfig  # noqa: E402
+from slimtune.methods.attempt import AttemptConfig, add_attempt  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
 from slimtune.methods.child_tuning import ChildTuningDConfig, ChildTuningFConfig  # noqa: E402
 from slimtune.methods.compacter import CompacterConfig  # noqa: E402
@@ -40,6 +41,7 @@ from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
 from slimtune.methods.lt_sft import LtSftConfig  # noqa: E402
 from slimtune.methods.moelora import MoeLoraConfig, merge_for_task  # noqa: E402
+from slimtune.methods.mpt import MptConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.p_tuning import PTuningConfig  # noqa: E402
 from slimtune.methods.pasta import PastaConfig  # noqa: E402
@@ -53,6 +55,7 @@ from slimtune.methods.ssf import SsfConfig  # noqa: E402
 from slimtune.methods.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from slimtune.methods.vera import VeraConfig  # noqa: E402
 from slimtune.multitask import LoraHubResult, lorahub, merge_adapters  # noqa: E402
+from slimtune.multitask.prompt_transfer import prompt_similarity, rank_sources, spot_init  # noqa: E402
 from slimtune.quant import dequantize, quantize  # noqa: E402
 from slimtune.tuned import TunedModel, attach, load  # noqa: E402
 
@@ -69,6 +72,7 @@ __all__ = [
     "AdaptionPromptConfig",
     "AfloraConfig",
     "AdapterLoadError",
+    "AttemptConfig",
     "AdapterNameError",
     "AdapterSaveError",
     "BitFitConfig",
@@ -96,6 +100,7 @@ __all__ = [
     "LtSftConfig",
     "MethodConfig",
     "MoeLoraConfig",
+    "MptConfig",
     "OftConfig",
     "PTuningConfig",
     "PastaConfig",
@@ -111,6 +116,7 @@ __all__ = [
     "TrainableTokensConfig",
     "TunedModel",
     "VeraConfig",
+    "add_attempt",
     "attach",
     "config_from_dict",
     "dequantize",
@@ -120,8 +126,11 @@ __all__ = [
     "merge_adapters",
     "merge_for_task",
     "optim",
+    "prompt_similarity",
     "quant",
     "quantize",
+    "rank_sources",
+    "spot_init",
 ]
 
 

@@ -10,11 +10,14 @@ A registered method without an example fails `test_every_registered_method_has_a
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import slimtune as st
@@ -68,6 +71,20 @@ class Example:
     #: adapters attached (and perturbed) before the example's, which then runs in `setup(names)` (AdapterFusion)
     children: Callable[[], dict[str, st.MethodConfig]] | None = None
     setup: Callable[[list[str]], object] | None = None
+
+
+_SOURCES: list[str] = []
+
+
+def prompt_sources(n: int = 2, p: int = 3, d: int = 64) -> list[str]:
+    """n random (p, d) source prompts in .safetensors files (ATTEMPT's frozen sources), written once."""
+    if not _SOURCES:
+        folder = Path(tempfile.mkdtemp(prefix="slimtune-sources-"))
+        g = torch.Generator().manual_seed(4)
+        for i in range(n):
+            save_file({"prompt_embeddings": torch.randn(p, d, generator=g) * 0.5}, str(folder / f"s{i}.safetensors"))
+            _SOURCES.append(str(folder / f"s{i}.safetensors"))
+    return list(_SOURCES)
 
 
 def per_family(config: Callable[[str], st.MethodConfig], families=("llama", "gpt2", "bert"),
@@ -126,6 +143,10 @@ def table() -> dict[str, Example]:
     add("poly", per_family(lambda f: st.PolyConfig(r=2, n_tasks=3, n_skills=2, n_splits=2, default_task=1,
                                                    targets=LINEARS[f])))
     add("poly", {"one_task": Example(tiny_llama, lambda: st.PolyConfig(r=2, n_skills=2, targets=LINEARS["llama"]))})
+    add("attempt", per_family(lambda f: st.AttemptConfig(sources=prompt_sources(), attn_hidden=8)))
+    add("mpt", per_family(lambda f: st.MptConfig(num_virtual_tokens=3)))  # one task: calls without task_ids use it
+    add("mpt", {"tasks3": Example(tiny_llama, lambda: st.MptConfig(num_virtual_tokens=3, num_tasks=3, num_ranks=2,
+                                                                   default_task=1))})
     add("bottleneck", per_family(lambda f: st.BottleneckConfig.houlsby(layer_norm="both", scaling="learned")))
     def fuse(names: list[str]) -> st.Fuse:
         return st.Fuse(*names, fusion="default")

@@ -11,22 +11,29 @@ dropped, so outputs line up with `input_ids`. Not mergeable: the prompt costs p 
 
 Init: "sample_vocab" (embeddings of p random vocabulary tokens; the default, as the paper
 recommends), "text" (the tokens of `init_text`, repeated or cut to p, as HF PEFT), "random"
-(normal with the vocabulary embeddings' std).
+(normal with the vocabulary embeddings' std), "prompt" (a copy of the trained prompt saved at
+`init_from`: SPoT's soft prompt transfer, Vu et al. 2022, arXiv:2110.07904; see
+slimtune/multitask/prompt_transfer.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from slimtune.config import MethodConfig, check_field, config_from_dict
+from slimtune.errors import ConfigError
+from slimtune.io import read_adapter_dir, read_safetensors
 from slimtune.methods.base import PEFT_SHORT_PREFIX, InputAdapter, Method, PeftContext, register
 
 _PEFT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+_PROMPT_METHODS = ("prompt_tuning", "p_tuning")  # files whose prompt_embeddings are one (p, d) prompt
+_PEFT_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 
 
 @dataclass
@@ -35,9 +42,11 @@ class PromptTuningConfig(MethodConfig):
 
     Args:
         num_virtual_tokens: p, the number of virtual tokens (the paper uses 20-100).
-        init: "sample_vocab" | "text" | "random".
+        init: "sample_vocab" | "text" | "random" | "prompt".
         init_text: the text whose tokens initialise the prompt (init="text").
         tokenizer: a local tokenizer folder or hub name (already cached) to tokenize `init_text`.
+        init_from: a saved prompt-tuning or P-tuning adapter (ours or HF PEFT's folder, or a .safetensors
+            file) whose prompt is copied (init="prompt", SPoT); its length must be num_virtual_tokens.
     """
 
     aliases = {**MethodConfig.aliases, "prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text",
@@ -47,6 +56,7 @@ class PromptTuningConfig(MethodConfig):
     init: str = "sample_vocab"
     init_text: str | None = None
     tokenizer: str | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,7 +65,11 @@ class PromptTuningConfig(MethodConfig):
         n = self.num_virtual_tokens
         check_field(isinstance(n, int) and not isinstance(n, bool) and n >= 1, self, "num_virtual_tokens",
                     "an int >= 1, e.g. 20")
-        check_field(self.init in _PEFT_INITS, self, "init", "'sample_vocab', 'text' or 'random'")
+        check_field(self.init in (*_PEFT_INITS, "prompt"), self, "init", "'sample_vocab', 'text', 'random' or 'prompt'")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            self.init_from = str(self.init_from)  # a Path
+        check_field(self.init != "prompt" or bool(self.init_from), self, "init_from",
+                    "the path of a saved prompt adapter when init='prompt'")
         if self.init == "text":
             check_field(isinstance(self.init_text, str) and self.init_text.strip() != "", self, "init_text",
                         "a non-empty string when init='text'")
@@ -86,6 +100,12 @@ class SoftPrompt(InputAdapter):
         """The (p, d) embeddings put in place of the placeholders (P-tuning computes them)."""
         return self.embedding
 
+    def prompt_rows(self, embeds: Tensor) -> Tensor:
+        """The (batch, p, d) prompts, in `embeds`' dtype, put before input rows whose token embeddings are
+        `embeds` (batch, n, d): the same virtual tokens for every row here; instance-wise prompts (ATTEMPT,
+        MPT's task prompts) override this."""
+        return self.virtual_tokens().to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+
     # -- hooks --------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         self._handle = _input_embeddings(model).register_forward_hook(self._put_prompt)
@@ -100,8 +120,7 @@ class SoftPrompt(InputAdapter):
         if not (self._pending or self._every_call) or output.dim() != 3 or output.shape[1] < self.p:
             return output
         self._pending = False
-        prompt = self.virtual_tokens().to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
-        return torch.cat([prompt, output[:, self.p:]], dim=1)
+        return torch.cat([self.prompt_rows(output[:, self.p:]), output[:, self.p:]], dim=1)
 
     def end_call(self) -> None:
         self._pending = self._every_call = False
@@ -114,8 +133,7 @@ class SoftPrompt(InputAdapter):
         kwargs = dict(kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None:
-            prompt = self.virtual_tokens().to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-            kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+            kwargs["inputs_embeds"] = torch.cat([self.prompt_rows(embeds), embeds], dim=1)
             ref = embeds[..., 0]
         else:
             ids = kwargs.get("input_ids")
@@ -201,11 +219,49 @@ def _initial_prompt(words: nn.Embedding, cfg: PromptTuningConfig) -> Tensor:
     p, W = cfg.num_virtual_tokens, words.weight
     if cfg.init == "random":
         return torch.randn(p, W.shape[1], device=W.device, dtype=torch.float32).mul_(W.float().std()).to(W.dtype)
+    if cfg.init == "prompt":
+        return _source_prompt(cfg, W.shape[1]).to(device=W.device, dtype=W.dtype)
     if cfg.init == "sample_vocab":
         ids = torch.randint(0, W.shape[0], (p,), device=W.device)
     else:
         ids = torch.tensor(_text_ids(cfg), device=W.device)
     return words(ids).detach().clone()
+
+
+def _source_prompt(cfg: PromptTuningConfig, d: int) -> Tensor:
+    prompt = read_prompt(cfg.init_from, d)
+    if prompt.shape[0] != cfg.num_virtual_tokens:
+        raise ConfigError(f"PromptTuningConfig.init_from={cfg.init_from!r} holds a prompt of {prompt.shape[0]} tokens; "
+                          f"expected num_virtual_tokens={cfg.num_virtual_tokens} (set it to {prompt.shape[0]})")
+    return prompt
+
+
+def read_prompt(path: str | Path, d: int | None = None) -> Tensor:
+    """The (p, d) soft prompt of a saved prompt-tuning or P-tuning adapter: a folder in our format or HF
+    PEFT's (`prompt_embeddings`), or a .safetensors file holding `prompt_embeddings` or one 2-D tensor.
+
+    Raises:
+        ConfigError: no such file, another method's adapter, or a token size other than `d`.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        tensors = read_safetensors(path)
+        prompt = tensors.get("prompt_embeddings", next(iter(tensors.values())) if len(tensors) == 1 else None)
+    elif path.is_dir():
+        raw, tensors = read_adapter_dir(path)
+        kind = raw.get("peft_type") or raw.get("config", {}).get("method")
+        if kind not in (*_PROMPT_METHODS, *_PEFT_PROMPT_TYPES):
+            raise ConfigError(f"{path}: a {kind!r} adapter; expected a prompt-tuning or P-tuning adapter "
+                              "(one soft prompt, tensor 'prompt_embeddings')")
+        prompt = tensors.get("prompt_embeddings")
+    else:
+        raise ConfigError(f"{path}: no adapter folder or .safetensors file there")
+    if prompt is None or prompt.dim() != 2:
+        raise ConfigError(f"{path}: expected one (p, d) tensor 'prompt_embeddings'")
+    if d is not None and prompt.shape[1] != d:
+        raise ConfigError(f"{path}: prompt tokens have size {prompt.shape[1]}; this model's embeddings have "
+                          f"{d} (the prompt was trained on another base)")
+    return prompt.detach().clone()
 
 
 def _text_ids(cfg: PromptTuningConfig) -> list[int]:
@@ -234,7 +290,7 @@ class PromptTuningMethod(Method):
     def to_peft(self, cfg: PromptTuningConfig, ctx: PeftContext) -> dict[str, Any]:
         return {
             **prompt_learning_fields(ctx, "PROMPT_TUNING", cfg.num_virtual_tokens),
-            "prompt_tuning_init": _PEFT_INITS[cfg.init],
+            "prompt_tuning_init": _PEFT_INITS.get(cfg.init, "RANDOM"),  # PEFT loads the file's prompt as it is
             "prompt_tuning_init_text": cfg.init_text,
             "tokenizer_name_or_path": cfg.tokenizer,
             "tokenizer_kwargs": None,
