@@ -22,13 +22,14 @@ METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", 
            "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf",
            "p_tuning", "prefix_tuning", "adaption_prompt", "trainable_tokens", "ln_tuning", "freeze", "fishmask",
            "child_tuning_d", "child_tuning_f", "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix",
-           "pasta", "lt_sft", "lt_sft_winners", "spt")
+           "pasta", "lt_sft", "lt_sft_winners", "spt", "adapter_fusion", "moelora", "poly", "attempt", "mpt")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
 PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora",  # methods HF PEFT does not have
               "bottleneck", "compacter", "ssf", "freeze", "fishmask", "child_tuning_d", "child_tuning_f",
               "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix", "pasta", "lt_sft", "lt_sft_winners",
-              "spt"}
+              "spt", "adapter_fusion", "moelora", "attempt",
+              "poly", "mpt"}  # PEFT has these two, but its forward needs task_ids, which this loop does not pass
 
 
 def ours(method: str, shape: dict):
@@ -73,10 +74,19 @@ def ours(method: str, shape: dict):
         "lt_sft": lambda: st.LtSftConfig(density=0.005),  # phase 1: every tensor trains in full
         "lt_sft_winners": lambda: st.LtSftConfig(density=0.005),  # select_winners below: the sparse phase 2
         "spt": lambda: st.SptConfig(density=0.005),  # LoRA r=8 on the most sensitive matrices + sparse entries
+        "adapter_fusion": lambda: st.FusionConfig(adapters=["a", "b"]),  # over two Pfeiffer adapters, only it trains
+        "moelora": lambda: st.MoeLoraConfig(num_experts=4, r=16, alpha=32, num_tasks=2, default_task=0, targets=QV),
+        "poly": lambda: st.PolyConfig(r=8, n_tasks=2, n_skills=4, default_task=0, targets=QV),
+        "attempt": lambda: st.AttemptConfig(sources=_prompt_sources(shape["hidden_size"]),
+                                            num_virtual_tokens=VIRTUAL_TOKENS),
+        "mpt": lambda: st.MptConfig(num_virtual_tokens=VIRTUAL_TOKENS, num_tasks=2, default_task=0),
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     gen = torch.Generator().manual_seed(0)
     data = [{"input_ids": x, "labels": x} for x in torch.randint(0, shape["vocab_size"], (2, 2, 32), generator=gen)]
+    if method == "adapter_fusion":
+        model = st.attach(base, st.BottleneckConfig.pfeiffer(), name="a").add(st.BottleneckConfig.pfeiffer(), "b")
+        return model.add(configs[method](), "f").use(st.Fuse("a", "b", fusion="f"))
     model = st.attach(base, configs[method](), data=data)  # calibration batches: ignored by most methods
     if method == "diff_pruning_refit":
         from slimtune.methods.diff_pruning import prune
@@ -87,6 +97,20 @@ def ours(method: str, shape: dict):
 
         select_winners(model)
     return model
+
+
+def _prompt_sources(d: int, n: int = 2) -> list[str]:
+    """n random source prompts (ATTEMPT's frozen sources) in a temporary folder."""
+    import tempfile
+
+    from slimtune.io import atomic_save_safetensors
+
+    folder = Path(tempfile.mkdtemp(prefix="slimtune-bench-"))
+    g = torch.Generator().manual_seed(3)
+    paths = [folder / f"source{i}.safetensors" for i in range(n)]
+    for path in paths:
+        atomic_save_safetensors({"prompt_embeddings": torch.randn(VIRTUAL_TOKENS, d, generator=g) * 0.02}, path)
+    return [str(p) for p in paths]
 
 
 def theirs(method: str, shape: dict):
@@ -163,12 +187,12 @@ def saved_for_backward_mb(run: Callable[[], None]) -> float:
     return sum(seen.values()) / 2**20
 
 
-def saved_bytes(model) -> int:
+def saved_bytes(model, name: str | None = None) -> int:
     """Size of the adapter file `model.save()` writes (our format)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        model.save(tmp)
+        model.save(tmp, name=name)
         return (Path(tmp) / "adapter_model.safetensors").stat().st_size
 
 
@@ -192,7 +216,7 @@ def main(quick: bool = False, out: str = "bench/results/methods.json", repeats: 
     for method in METHODS:
         model = ours(method, shape)
         params[f"ours_{method}"] = trainable(model)
-        file_bytes[f"ours_{method}"] = saved_bytes(model)
+        file_bytes[f"ours_{method}"] = saved_bytes(model, "f" if method == "adapter_fusion" else None)
         cases[f"ours_{method}"] = method_step(model, ids, peft_model=False)
         infer[f"ours_{method}"] = inference(model, ids)
         if method not in PEFT_LACKS:
