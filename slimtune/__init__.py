@@ -8,6 +8,7 @@ from slimtune import (
 )
 from slimtune.composition import Average, Fuse, Parallel, Split, Stack  # noqa: E402
 from slimtune.config import MethodConfig, config_from_dict, load_config  # noqa: E402
+from slimtune.delta import DeltaReport, compress_delta  # noqa: E402
 from slimtune.errors import (  # noqa: E402
     AdapterLoadError,
     AdapterNameError,
@@ -24,6 +25,7 @@ from slimtune.methods.adapters import BottleneckConfig  # noqa: E402
 from slimtune.methods.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from slimtune.methods.aflora import AfloraConfig  # noqa: E402
 from slimtune.methods.attempt import AttemptConfig, add_attempt  # noqa: E402
+from slimtune.methods.bitdelta import BitDeltaConfig  # noqa: E402
 from slimtune.methods.bitfit import BitFitConfig  # noqa: E402
 from slimtune.methods.child_tuning import ChildTuningDConfig, ChildTuningFConfig  # noqa: E402
 from slimtune.methods.compacter import CompacterConfig  # noqa: E402
@@ -75,6 +77,7 @@ __all__ = [
     "AttemptConfig",
     "AdapterNameError",
     "AdapterSaveError",
+    "BitDeltaConfig",
     "BitFitConfig",
     "BoftConfig",
     "BottleneckConfig",
@@ -82,6 +85,7 @@ __all__ = [
     "ChildTuningFConfig",
     "CompacterConfig",
     "ConfigError",
+    "DeltaReport",
     "DiffPruningConfig",
     "DoraConfig",
     "DyLoraConfig",
@@ -118,6 +122,7 @@ __all__ = [
     "VeraConfig",
     "add_attempt",
     "attach",
+    "compress_delta",
     "config_from_dict",
     "dequantize",
     "load",

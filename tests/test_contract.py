@@ -26,6 +26,7 @@ from slimtune.layer import AdapterLayer, SavedModule
 from slimtune.methods import METHODS
 from slimtune.quant import quantize
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
+from tests.test_bitdelta import finetuned_dir
 
 MERGE_TOL = 1e-4  # fp32 logits ~ O(1) and float64 after .to(): merged vs unmerged (absolute and relative)
 W_TOL = 1e-6  # weights after merge + unmerge (multiplicative merges divide back)
@@ -147,6 +148,9 @@ def table() -> dict[str, Example]:
     add("mpt", per_family(lambda f: st.MptConfig(num_virtual_tokens=3)))  # one task: calls without task_ids use it
     add("mpt", {"tasks3": Example(tiny_llama, lambda: st.MptConfig(num_virtual_tokens=3, num_tasks=3, num_ranks=2,
                                                                    default_task=1))})
+    # the fine-tuned weights come from a safetensors checkpoint the config points at (init reads <target>.weight)
+    add("bitdelta", per_family(lambda f: st.BitDeltaConfig(finetuned=finetuned_dir(f), targets=LINEARS[f], bias=True)))
+    add("bitdelta", {"all_linear": Example(tiny_llama, lambda: st.BitDeltaConfig(finetuned=finetuned_dir()))})
     add("bottleneck", per_family(lambda f: st.BottleneckConfig.houlsby(layer_norm="both", scaling="learned")))
     def fuse(names: list[str]) -> st.Fuse:
         return st.Fuse(*names, fusion="default")

@@ -64,6 +64,11 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "pasta": ({"method": "pasta", "token_ids": [101, 102]}, 1e-2),  # MiniLM [CLS], [SEP]
     "lt_sft": ({"method": "lt_sft", "density": 0.05}, 1e-4),  # phase 1 only (full fine-tuning), as diff_pruning
     "spt": ({"method": "spt", "density": 0.01, "r": 8}, 1e-3),
+    # task-conditioned methods with one task (multi-task quality: `slimtune demo --task multitask`)
+    "moelora": ({"method": "moelora", "num_experts": 4, "r": 8, "alpha": 16, "num_tasks": 1,
+                 "targets": ["query", "value"]}, 1e-3),
+    "poly": ({"method": "poly", "r": 8, "n_tasks": 1, "n_skills": 4, "targets": ["query", "value"]}, 1e-3),
+    "mpt": ({"method": "mpt", "num_virtual_tokens": 20}, 1e-2),
 }
 
 

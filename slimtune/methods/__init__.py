@@ -8,6 +8,7 @@ from slimtune.methods import (  # noqa: F401
     adaption_prompt,
     aflora,
     attempt,
+    bitdelta,
     bitfit,
     child_tuning,
     compacter,
