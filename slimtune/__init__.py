@@ -36,12 +36,14 @@ from slimtune.methods.fourierft import FourierFTConfig  # noqa: E402
 from slimtune.methods.freeze import FreezeConfig  # noqa: E402
 from slimtune.methods.hra import HRAConfig  # noqa: E402
 from slimtune.methods.hybrid import HybridConfig  # noqa: E402
+from slimtune.methods.hydralora import HydraLoraConfig  # noqa: E402
 from slimtune.methods.ia3 import IA3Config  # noqa: E402
 from slimtune.methods.ln_tuning import LnTuningConfig  # noqa: E402
 from slimtune.methods.loha_lokr import LohaConfig, LokrConfig  # noqa: E402
 from slimtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from slimtune.methods.lora_sp import LoraSPConfig  # noqa: E402
 from slimtune.methods.lt_sft import LtSftConfig  # noqa: E402
+from slimtune.methods.moe import MoEConfig, MoVConfig  # noqa: E402
 from slimtune.methods.moelora import MoeLoraConfig, merge_for_task  # noqa: E402
 from slimtune.methods.mpt import MptConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
@@ -94,6 +96,7 @@ __all__ = [
     "FreezeConfig",
     "HRAConfig",
     "HybridConfig",
+    "HydraLoraConfig",
     "IA3Config",
     "LnTuningConfig",
     "LohaConfig",
@@ -103,6 +106,8 @@ __all__ = [
     "LoraSPConfig",
     "LtSftConfig",
     "MethodConfig",
+    "MoEConfig",
+    "MoVConfig",
     "MoeLoraConfig",
     "MptConfig",
     "OftConfig",

@@ -151,6 +151,17 @@ def table() -> dict[str, Example]:
     # the fine-tuned weights come from a safetensors checkpoint the config points at (init reads <target>.weight)
     add("bitdelta", per_family(lambda f: st.BitDeltaConfig(finetuned=finetuned_dir(f), targets=LINEARS[f], bias=True)))
     add("bitdelta", {"all_linear": Example(tiny_llama, lambda: st.BitDeltaConfig(finetuned=finetuned_dir()))})
+    add("moe", per_family(lambda f: st.MoEConfig(expert=st.LoraConfig(r=2), num_experts=3, top_k=2,
+                                                 targets=LINEARS[f])))
+    add("moe", {f"ia3-{k}": v for k, v in per_family(lambda f: st.MoEConfig(
+        expert=st.IA3Config(feedforward=FEEDFORWARD[f]), num_experts=3, top_k=None, targets=LINEARS[f]),
+        biases=True).items()})
+    add("moe", {"molora": Example(tiny_gpt2, lambda: st.MoEConfig.molora(num_experts=2, r=2, targets=LINEARS["gpt2"])),
+                "oft_top2": Example(tiny_gpt2, lambda: st.MoEConfig(expert=st.OftConfig(block_size=16), num_experts=3,
+                                                                    targets=LINEARS["gpt2"]))})
+    add("mov", per_family(lambda f: st.MoVConfig(num_experts=3, targets=LINEARS[f], feedforward=FEEDFORWARD[f]),
+                          biases=True))
+    add("hydralora", per_family(lambda f: st.HydraLoraConfig(r=2, num_heads=3, targets=LINEARS[f])))
     add("bottleneck", per_family(lambda f: st.BottleneckConfig.houlsby(layer_norm="both", scaling="learned")))
     def fuse(names: list[str]) -> st.Fuse:
         return st.Fuse(*names, fusion="default")

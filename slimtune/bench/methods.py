@@ -22,13 +22,14 @@ METHODS = ("lora_qv", "ia3", "prompt_tuning", "bitfit", "vera", "loha", "lokr", 
            "adalora", "dylora", "sora", "periodic_lora", "lora_sp", "aflora", "bottleneck", "compacter", "ssf",
            "p_tuning", "prefix_tuning", "adaption_prompt", "trainable_tokens", "ln_tuning", "freeze", "fishmask",
            "child_tuning_d", "child_tuning_f", "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix",
-           "pasta", "lt_sft", "lt_sft_winners", "spt", "adapter_fusion", "moelora", "poly", "attempt", "mpt")
+           "pasta", "lt_sft", "lt_sft_winners", "spt", "adapter_fusion", "moelora", "poly", "attempt", "mpt",
+           "moe", "mov", "hydralora")
 ADALORA_STEPS = 10_000  # a long schedule: every timed step is in the budgeting phase (importance + top-k)
 VIRTUAL_TOKENS = 20
 PEFT_LACKS = {"bitfit", "dylora", "sora", "periodic_lora", "lora_sp", "aflora",  # methods HF PEFT does not have
               "bottleneck", "compacter", "ssf", "freeze", "fishmask", "child_tuning_d", "child_tuning_f",
               "diff_pruning", "diff_pruning_refit", "unipelt", "mam", "adamix", "pasta", "lt_sft", "lt_sft_winners",
-              "spt", "adapter_fusion", "moelora", "attempt",
+              "spt", "adapter_fusion", "moelora", "attempt", "moe", "mov", "hydralora",
               "poly", "mpt"}  # PEFT has these two, but its forward needs task_ids, which this loop does not pass
 
 
@@ -80,6 +81,9 @@ def ours(method: str, shape: dict):
         "attempt": lambda: st.AttemptConfig(sources=_prompt_sources(shape["hidden_size"]),
                                             num_virtual_tokens=VIRTUAL_TOKENS),
         "mpt": lambda: st.MptConfig(num_virtual_tokens=VIRTUAL_TOKENS, num_tasks=2, default_task=0),
+        "moe": lambda: st.MoEConfig(expert=st.LoraConfig(r=4, alpha=8), num_experts=4, top_k=2, targets=QV),
+        "mov": lambda: st.MoVConfig(num_experts=4, targets=IA3_TARGETS, feedforward=IA3_FF),
+        "hydralora": lambda: st.HydraLoraConfig(r=16, alpha=32, num_heads=4, targets=QV),
     }
     base = base_model({**shape, "attention_bias": True, "mlp_bias": True} if method == "bitfit" else shape)
     gen = torch.Generator().manual_seed(0)

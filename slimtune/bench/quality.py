@@ -69,6 +69,11 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
                  "targets": ["query", "value"]}, 1e-3),
     "poly": ({"method": "poly", "r": 8, "n_tasks": 1, "n_skills": 4, "targets": ["query", "value"]}, 1e-3),
     "mpt": ({"method": "mpt", "num_virtual_tokens": 20}, 1e-2),
+    "moe": ({"method": "moe", "expert": {"method": "lora", "r": 4, "alpha": 8}, "num_experts": 4, "top_k": 2,
+             "targets": ["query", "value"]}, 1e-3),
+    "mov": ({"method": "mov", "num_experts": 4, "targets": r".*\.(key|value|layer\.\d+\.output\.dense)",
+             "feedforward": r".*layer\.\d+\.output\.dense"}, 1e-2),
+    "hydralora": ({"method": "hydralora", "r": 8, "alpha": 16, "num_heads": 4, "targets": ["query", "value"]}, 1e-3),
 }
 
 
