@@ -49,10 +49,12 @@ from slimtune.methods.mpt import MptConfig  # noqa: E402
 from slimtune.methods.oft import BoftConfig, OftConfig  # noqa: E402
 from slimtune.methods.p_tuning import PTuningConfig  # noqa: E402
 from slimtune.methods.pasta import PastaConfig  # noqa: E402
+from slimtune.methods.peqa import PeqaConfig  # noqa: E402
 from slimtune.methods.periodic_lora import PeriodicLoraConfig  # noqa: E402
 from slimtune.methods.poly import PolyConfig  # noqa: E402
 from slimtune.methods.prefix_tuning import PrefixTuningConfig  # noqa: E402
 from slimtune.methods.prompt_tuning import PromptTuningConfig  # noqa: E402
+from slimtune.methods.qa_lora import QaLoraConfig  # noqa: E402
 from slimtune.methods.sora import SoraConfig  # noqa: E402
 from slimtune.methods.spt import SptConfig  # noqa: E402
 from slimtune.methods.ssf import SsfConfig  # noqa: E402
@@ -113,10 +115,12 @@ __all__ = [
     "OftConfig",
     "PTuningConfig",
     "PastaConfig",
+    "PeqaConfig",
     "PeriodicLoraConfig",
     "PolyConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "QaLoraConfig",
     "SlimtuneError",
     "SoraConfig",
     "SptConfig",

@@ -82,13 +82,9 @@ def _load_base_for(adapter: str, base: str | None):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    import slimtune as st
+    from slimtune.merge_cli import cmd_merge  # also from quantized bases: dequantized or re-quantized
 
-    model = st.load(_load_base_for(args.adapter, args.base), args.adapter)
-    plain = model.detach(merge=True)
-    plain.save_pretrained(args.out, safe_serialization=True)
-    print(f"merged model written to {args.out}")
-    return 0
+    return cmd_merge(args, _load_base_for)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -201,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("adapter")
         p.add_argument("--out", required=True)
         p.add_argument("--base", help="base model folder (default: the one the adapter records)")
+        if verb == "merge":
+            from slimtune.merge_cli import add_arguments
+
+            add_arguments(p)  # --dtype, --base-quant, --requantize
         if verb == "export":
             p.add_argument("--format", default="peft", choices=["peft", "slimtune"])
             p.add_argument("--rank", type=int, default=None,
@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("bench", help="speed and memory ratios vs the frozen base and HF PEFT")
-    p.add_argument("suite", choices=["lora", "methods", "quality"], help="lora: the LoRA family in depth; "
-                   "methods: speed, one row per method exemplar; quality: accuracy per method on a real task")
+    p.add_argument("suite", choices=["lora", "methods", "quality", "qlora"], help="lora: the LoRA family in depth; "
+                   "methods: speed, one row per method exemplar; quality: accuracy per method on a real task; "
+                   "qlora: QLoRA vs LoRA on SmolLM2 (weights, peak RSS, step time, NF4 loss, demo accuracy)")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--only", default=None, help="quality: comma-separated methods to (re)run; their rows replace "
@@ -243,9 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="result JSON (default bench/results/SUITE.json)")
     p.set_defaults(func=_cmd_bench)
 
+    from slimtune.delta_cli import add_parser as add_compress_delta
     from slimtune.multitask.lorahub import add_parser as add_lorahub_parser
 
     add_lorahub_parser(sub)
+    add_compress_delta(sub)
     try:
         from slimtune.train.cli import add_commands
     except ImportError:

@@ -9,6 +9,11 @@ logits of the five topic words' first tokens right after the prompt), before and
 polarity (LoRA on query/value + the head); accuracy on held-out sentences.
 
 Both write ``report.md``, ``report.json``, plots, metrics and the adapter to the output folder.
+
+``--method`` picks how the task is tuned (``METHODS``): ``lora`` (default) on the float base, or ``qlora``:
+the same LoRA on the base quantized to NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314; blocks of 64
+with double-quantised scales, ~4.13 bits per weight; embeddings, norms and the head stay float). The report
+adds the base's weight memory either way.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from slimtune.train.config import TrainConfig
 
@@ -62,6 +68,53 @@ TASKS = {
     "sentiment": ("Rotten Tomatoes sentence polarity (sequence classification)", sentiment_config),
 }
 
+# --method: name -> (label in the report, overrides applied to the task's config sections)
+METHODS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "lora": ("LoRA", {}),
+    "qlora": ("QLoRA", {"model": {"quantize": "nf4"}}),  # the same LoRA on an NF4 base
+}
+
+
+def with_method(cfg: TrainConfig, method: str) -> TrainConfig:
+    """`cfg` with the `--method` variant's overrides applied (validated again)."""
+    from slimtune.errors import ConfigError, did_you_mean
+
+    if method not in METHODS:
+        raise ConfigError(f"demo --method {method!r}: expected one of {list(METHODS)}." + did_you_mean(method, METHODS))
+    data = cfg.to_dict()
+    for section, values in METHODS[method][1].items():
+        data[section] = {**data[section], **values}
+    return TrainConfig.from_dict(data)
+
+
+def default_output_dir(task: str, method: str = "lora") -> str:
+    """runs/demo for the topic task with LoRA; runs/demo-<task>[-<method>] otherwise."""
+    parts = [p for p in (task if task != "topic" else "", method if method != "lora" else "") if p]
+    return "runs/" + "-".join(["demo", *parts])
+
+
+def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the base's parameters and buffers as stored, bytes of the same base with every quantized
+    weight in its compute dtype). Adapter tensors and modules_to_save copies are left out; a tied weight
+    counts once. For a float base both numbers are equal."""
+    from slimtune.quant import QuantLinear
+    from slimtune.tuned import TunedModel
+
+    base = model.model if isinstance(model, TunedModel) else model
+    quant = {name: m for name, m in base.named_modules() if isinstance(m, QuantLinear)}
+    stored = as_float = 0
+    for name, t in [*base.named_parameters(), *base.named_buffers()]:
+        if ".adapters." in name or ".modules_to_save." in name:
+            continue
+        size = t.numel() * t.element_size()
+        stored += size
+        owner, _, leaf = name.rpartition(".")
+        if not (owner in quant and leaf in ("weight", "absmax", "absmax2", "offset")):
+            as_float += size
+    for m in quant.values():
+        as_float += m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8
+    return stored, as_float
+
 
 @torch.no_grad()
 def sample_generations(trainer, n: int = 5, max_new_tokens: int = 6) -> list[dict[str, Any]]:
@@ -92,22 +145,23 @@ def sample_generations(trainer, n: int = 5, max_new_tokens: int = 6) -> list[dic
 
 
 def run_demo(task: str = "topic", output_dir: str | None = None, steps: int | None = None,
-             eval_per_label: int | None = None) -> dict[str, Any]:
-    """Run one demo task end to end and write its report; returns the report dict."""
+             eval_per_label: int | None = None, method: str = "lora") -> dict[str, Any]:
+    """Run one demo task end to end with `method` (a key of METHODS) and write its report; returns it."""
     from slimtune.train.models import smollm2_path
     from slimtune.train.trainer import Trainer
 
     wall0 = time.perf_counter()
     description, make_config = TASKS[task]
-    output_dir = output_dir or ("runs/demo" if task == "topic" else f"runs/demo-{task}")
+    output_dir = output_dir or default_output_dir(task, method)
     kwargs = {k: v for k, v in (("steps", steps), ("eval_per_label", eval_per_label)) if v is not None}
-    cfg = make_config(output_dir, **kwargs)
+    cfg = with_method(make_config(output_dir, **kwargs), method)
     convert_seconds = 0.0
     if task == "topic":
         t = time.perf_counter()
         smollm2_path()  # converts the packaged GGUF once; cached afterwards
         convert_seconds = time.perf_counter() - t
     trainer = Trainer(cfg)
+    weights, weights_float = base_weight_bytes(trainer.model)
     summary = trainer.train()
     samples = sample_generations(trainer) if task == "topic" else []
     before, after = summary["eval"]["base"], summary["eval"]["adapted"]
@@ -123,7 +177,13 @@ def run_demo(task: str = "topic", output_dir: str | None = None, steps: int | No
         "macro_f1_before": round(before["macro_f1"], 4),
         "macro_f1_after": round(after["macro_f1"], 4),
         "model": cfg.model.name,
+        "demo_method": method,
+        "method_label": METHODS[method][0],
         "method": cfg.method,
+        "base_quantization": cfg.model.quantize,
+        "weight_bytes": weights,
+        "weight_bytes_float": weights_float,
+        "weight_ratio": round(weights / weights_float, 4),
         "steps": summary["steps"],
         "batch_size": cfg.train.batch_size,
         "convert_seconds": round(convert_seconds, 2),
@@ -137,15 +197,20 @@ def run_demo(task: str = "topic", output_dir: str | None = None, steps: int | No
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
+    """report.json and report.md (keys a task's report lacks, e.g. weight memory, are left out of the page)."""
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    quant = report.get("base_quantization")
+    base, label = (f"{quant} base" if quant else "base"), report.get("method_label", "LoRA")
     lines = [
         f"# slimtune demo: {report['task']}", "",
-        f"- model: `{report['model']}`, method: `{json.dumps(report['method'])}`",
+        f"- model: `{report['model']}`" + (f", quantized to {quant}" if quant else "")
+        + f", method: `{json.dumps(report['method'])}`",
         f"- metric: {report['metric']}, on {report['n_eval']} held-out examples",
         "", "| | accuracy | macro-F1 |", "|---|---|---|",
-        f"| before (base) | {report['before']:.1%} | {report['macro_f1_before']:.3f} |",
-        f"| after (LoRA) | {report['after']:.1%} | {report['macro_f1_after']:.3f} |", "",
+        f"| before ({base}) | {report['before']:.1%} | {report['macro_f1_before']:.3f} |",
+        f"| after ({label}) | {report['after']:.1%} | {report['macro_f1_after']:.3f} |", "",
         f"- trainable parameters: {report['trainable_params']:,}",
+        *_weight_line(report),
         f"- training: {report['steps']} steps x batch {report['batch_size']}, {report['train_seconds']:.0f} s "
         f"on {report['torch_threads']} CPU threads",
         f"- wall time: {report['wall_seconds']:.0f} s"
@@ -159,3 +224,17 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             cells = [s["title"], s["label"], s["before"], s["after"]]
             lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _weight_line(report: dict[str, Any]) -> list[str]:
+    if "weight_bytes" not in report:
+        return []
+    line = f"- base weights (parameters + buffers): {mib(report['weight_bytes'])}"
+    if report.get("base_quantization"):
+        line += (f" in {report['base_quantization']}, {mib(report['weight_bytes_float'])} unquantized: "
+                 f"{report['weight_ratio']:.2f}x")
+    return [line]
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

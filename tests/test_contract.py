@@ -39,6 +39,10 @@ def tiny_llama_nf4() -> nn.Module:
     return quantize(tiny_llama(), "nf4")
 
 
+def tiny_llama_int4() -> nn.Module:
+    return quantize(tiny_llama(), "int4", group_size=16)
+
+
 def with_biases(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     """The same model with non-zero biases (GPT-2 and BERT start them at 0), so scaling them is seen."""
     def build() -> nn.Module:
@@ -113,6 +117,10 @@ def table() -> dict[str, Example]:
                                                                     feedforward=FEEDFORWARD["llama"]))})
     add("adalora", per_family(lambda f: st.AdaLoraConfig(init_r=4, target_r=2, total_step=10, targets=LINEARS[f])))
     add("dylora", per_family(lambda f: st.DyLoraConfig(r=4, r_min=2, targets=LINEARS[f])))
+    add("lora", {"int4": Example(tiny_llama_int4, lambda: st.LoraConfig(r=2, targets=LINEARS["llama"]))})
+    add("qa_lora", {"int4": Example(tiny_llama_int4, lambda: st.QaLoraConfig(r=2, targets=LINEARS["llama"]))})
+    add("peqa", {"int4": Example(tiny_llama_int4, lambda: st.PeqaConfig())})
+    add("dylora", {"nf4": Example(tiny_llama_nf4, lambda: st.DyLoraConfig(r=4, r_min=2, targets=LINEARS["llama"]))})
     add("dylora", {"frozen_eval3": Example(tiny_llama, lambda: st.DyLoraConfig(r=4, frozen_lower=True, eval_rank=3,
                                                                                 targets=LINEARS["llama"]))})
     add("sora", per_family(lambda f: st.SoraConfig(r=2, targets=LINEARS[f])))

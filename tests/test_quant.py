@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import warnings
 
@@ -234,7 +235,7 @@ LLAMA_ROWS = [k for k in tc.EXAMPLES if k.endswith("-llama") and _shape(k) != "s
 def test_every_method_runs_unchanged_on_a_4bit_base(example_id, ids):
     ex = tc.EXAMPLES[example_id]
     ref = output(quantized_llama(), ids)
-    model = st.attach(quantized_llama(), ex.config())
+    model = tc.attach_example(dataclasses.replace(ex, make=quantized_llama))
     tc.perturb(model)
     assert not torch.allclose(output(model, ids), ref)
     with model.disabled():

@@ -115,11 +115,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from slimtune.demo import run_demo
+    from slimtune.demo import default_output_dir, run_demo
 
     _quiet_transformers()
-    report = run_demo(args.task, output_dir=args.out, steps=args.steps, eval_per_label=args.eval_per_label)
-    out = args.out or ("runs/demo" if args.task == "topic" else f"runs/demo-{args.task}")
+    report = run_demo(args.task, output_dir=args.out, steps=args.steps, eval_per_label=args.eval_per_label,
+                      method=args.method)
+    out = args.out or default_output_dir(args.task, args.method)
     print((Path(out) / "report.md").read_text())
     print(f"accuracy {report['before']:.1%} -> {report['after']:.1%} on {report['n_eval']} held-out examples; "
           f"wall {report['wall_seconds']:.0f} s; report in {out}/report.md")
@@ -157,9 +158,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat", action="store_true", help="feed prompts raw, without the chat template")
     p.set_defaults(func=_cmd_generate)
 
+    from slimtune.demo import METHODS, TASKS
+
     p = sub.add_parser("demo", help="the main job: LoRA on a packaged model and data set, before vs after")
-    p.add_argument("--task", choices=["topic", "sentiment"], default="topic")
-    p.add_argument("--out", help="output folder (default runs/demo, runs/demo-sentiment)")
+    p.add_argument("--task", choices=list(TASKS), default="topic")
+    p.add_argument("--method", choices=list(METHODS), default="lora",
+                   help="lora: on the float base; qlora: the same LoRA on the base quantized to NF4")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo-<task>, runs/demo[-<task>]-qlora)")
     p.add_argument("--steps", type=int, help="training steps (default: the task's)")
     p.add_argument("--eval-per-label", type=int, help="held-out examples per label (default: the task's)")
     p.set_defaults(func=_cmd_demo)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimtune.errors import ConfigError
 from slimtune.train.errors import TrainConfigError, did_you_mean
 
 TASKS = ("causal_lm", "instruction", "classification", "generative_classification")
@@ -35,12 +36,15 @@ class ModelSection:
     name: str = "smollm2"  # HF folder / hub id (offline cache), or packaged "smollm2" / "minilm"
     dtype: str = "float32"  # storage dtype of the base weights
     num_labels: int | None = None  # classification head size; default: number of labels in the data
-    quantize: str | None = None  # nf4 | fp4 | int8: st.quantize the base (QLoRA); head stays float
+    quantize: str | None = None  # nf4 | fp4 | int8 | int4 ...: st.quantize the base (QLoRA); head stays float
 
     def __post_init__(self) -> None:
+        from slimtune.quant import FORMAT_NAMES
+
         _check(self.dtype in ("float32", "bfloat16", "float16"), self, "dtype",
                "'float32', 'bfloat16' or 'float16'")
-        _check(self.quantize in (None, "nf4", "fp4", "int8"), self, "quantize", "'nf4', 'fp4', 'int8' or null")
+        _check(self.quantize is None or self.quantize in FORMAT_NAMES, self, "quantize",
+               f"one of {list(FORMAT_NAMES)} or null." + did_you_mean(str(self.quantize), FORMAT_NAMES))
 
 
 @dataclass
@@ -82,6 +86,8 @@ class TrainSection:
     batch_size: int = 8  # per process, per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | paged_adamw | sgd (slimtune/optim.py)
+    loraplus_ratio: float | None = None  # LoRA+: LoRA's B tensors learn at lr * ratio (the paper: 16)
     scheduler: str = "linear"  # constant | linear | cosine (all after linear warmup)
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -110,6 +116,14 @@ class TrainSection:
         _check(self.scheduler in SCHEDULERS, self, "scheduler",
                f"one of {list(SCHEDULERS)}" + did_you_mean(self.scheduler, SCHEDULERS))
         _check(self.precision in PRECISIONS, self, "precision", f"one of {list(PRECISIONS)}")
+        _check(self.loraplus_ratio is None or self.loraplus_ratio > 0, self, "loraplus_ratio",
+               "null (off) or a float > 0, e.g. 16")
+        from slimtune.optim import check_optimizer
+
+        try:
+            check_optimizer(self.optimizer, "train.optimizer")
+        except ConfigError as e:
+            raise TrainConfigError(str(e)) from None
 
 
 @dataclass

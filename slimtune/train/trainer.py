@@ -1,4 +1,5 @@
-"""The training loop: AdamW on the adapter, deterministic data order, checkpoints, signals, DDP.
+"""The training loop: an optimizer on the adapter (``train.optimizer``: AdamW by default, 8-bit / paged
+AdamW, SGD; LoRA+ groups), deterministic data order, checkpoints, signals, DDP.
 
 Data order is a pure function of (seed, epoch): every epoch is a seeded permutation, and a run's
 position is the count of micro-batches consumed. Together with the optimizer state, the torch RNG
@@ -88,12 +89,14 @@ def _check_same_run(saved: dict | None, cfg: TrainConfig, ckpt: Path) -> None:
     """Refuse to resume a checkpoint into a run whose model, method, data or schedule differ."""
     if saved is None:
         return
-    now = cfg.to_dict()
+    now, defaults = cfg.to_dict(), TrainConfig().to_dict()
     for section in ("model", "method", "data", "train"):
         old, new = saved.get(section, {}), now[section]
         for key in sorted(set(old) | set(new)):
             if section == "train" and key in _RESUMABLE_CHANGES:
                 continue
+            if section != "method" and key not in old and new.get(key) == defaults[section].get(key):
+                continue  # a field added since the checkpoint was written, left at its default
             if old.get(key) != new.get(key):
                 raise CheckpointError(f"{ckpt}: saved with {section}.{key}={old.get(key)!r}, this run has "
                                       f"{new.get(key)!r}; resuming would not continue the same run")
@@ -149,8 +152,7 @@ class Trainer:
                 _clear_previous_run(self.run_dir)
             cfg.save(self.run_dir / "config.yaml")
         metrics = MetricsLog(self.run_dir) if main else None
-        params = [p for _, p in self.model.trainable_parameters()]
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = self._make_optimizer()
         per_epoch = len(self.data.train) // (tc.batch_size * self.world)  # micro-batches; last partial dropped
         if per_epoch < tc.grad_accum:
             raise TrainConfigError(
@@ -180,6 +182,19 @@ class Trainer:
         return summary
 
     # -- internals -------------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """``train.optimizer`` over the trainable tensors; with ``train.loraplus_ratio``, LoRA+'s two groups
+        (B at lr * ratio, kept through the schedule by the group's ``lr_scale``)."""
+        from slimtune.optim import loraplus_groups, make_optimizer
+
+        tc = self.config.train
+        if tc.loraplus_ratio is None:
+            groups: list = [p for _, p in self.model.trainable_parameters()]
+        else:
+            groups = loraplus_groups(self.model, tc.lr, tc.loraplus_ratio, tc.weight_decay)
+            groups[1]["lr_scale"] = tc.loraplus_ratio
+        return make_optimizer(tc.optimizer, groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
     def _wrap_ddp(self) -> nn.Module:
         if self.world == 1:
             return self.model
@@ -270,7 +285,7 @@ class Trainer:
         params = [p for g in opt.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip).item() if tc.grad_clip > 0 else None
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+'s B group keeps its multiple of the schedule
         opt.step()
         return grad_norm
 
