@@ -72,7 +72,7 @@ def test_codes_and_values_identical_to_bitsandbytes(fmt, shape):
     packed, ref = bf.quantize_4bit(W, blocksize=64, quant_type=fmt, compress_statistics=False)
     ours = formats.quantize_4bit(W, fmt, 64, double_quant=False)
     assert torch.equal(ours["weight"], packed) and torch.equal(ours["absmax"], ref.absmax)
-    assert torch.equal(formats.dequantize_4bit(ours, shape, fmt), bf.dequantize_4bit(packed, ref))
+    assert torch.equal(formats.dequantize_4bit_torch(ours, shape, fmt), bf.dequantize_4bit(packed, ref))
     # double quantisation: same 4-bit codes; bitsandbytes reads our nested state to the same values
     ours = formats.quantize_4bit(W, fmt, 64, double_quant=True)
     packed, ref = bf.quantize_4bit(W, blocksize=64, quant_type=fmt, compress_statistics=True)
@@ -81,11 +81,21 @@ def test_codes_and_values_identical_to_bitsandbytes(fmt, shape):
                            dtype=torch.float32)
     state = bf.QuantState(absmax=ours["absmax"], shape=torch.Size(shape), code=bf.get_4bit_type(fmt, device="cpu"),
                           blocksize=64, quant_type=fmt, dtype=torch.float32, offset=ours["offset"], state2=nested)
-    assert torch.equal(bf.dequantize_4bit(ours["weight"], state), formats.dequantize_4bit(ours, shape, fmt))
+    assert torch.equal(bf.dequantize_4bit(ours["weight"], state), formats.dequantize_4bit_torch(ours, shape, fmt))
+    # QuantLinear's dequantization (bitsandbytes' kernel where it runs) is the torch path bit for bit
+    assert torch.equal(formats.dequantize_4bit(ours, shape, fmt), formats.dequantize_4bit_torch(ours, shape, fmt))
     # the 8-bit absmax codes are the exact nearest (bitsandbytes' torch backend); its native CPU search
     # (BinSearch Direct2) picks the neighbouring code for ~0.2% of near-zero centred scales
     diff = (ours["absmax"].long() - ref.absmax.long()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (64, 96)])  # an odd count runs in torch, an even one in bitsandbytes
+def test_dequantize_dispatch_equals_the_torch_path(shape):
+    ours = formats.quantize_4bit(gaussian(*shape), "nf4", 64, double_quant=True)
+    fast = formats.dequantize_4bit(ours, shape, "nf4", dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
+    assert torch.equal(fast, formats.dequantize_4bit_torch(ours, shape, "nf4").to(torch.bfloat16))
 
 
 @needs_bnb
