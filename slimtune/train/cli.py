@@ -120,8 +120,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet_transformers()
     report = run_demo(args.task, output_dir=args.out, steps=args.steps, eval_per_label=args.eval_per_label,
                       method=args.method)
-    out = args.out or default_output_dir(args.task, args.method)
+    out = report.get("output_dir") or args.out or default_output_dir(args.task, args.method)
     print((Path(out) / "report.md").read_text())
+    if "summary" in report:  # the multi-task demo: one table of rows x tasks, no before/after pair
+        print(f"{report['summary']}; report in {out}/report.md")
+        return 0
     print(f"accuracy {report['before']:.1%} -> {report['after']:.1%} on {report['n_eval']} held-out examples; "
           f"wall {report['wall_seconds']:.0f} s; report in {out}/report.md")
     return 0
