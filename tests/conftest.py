@@ -75,14 +75,17 @@ def fit(model, data: torch.Tensor, steps: int, lr: float, weight_decay: float = 
     return losses
 
 
-def assert_rows_match_alone(model, batch: torch.Tensor, names: list, atol: float = 1e-5) -> torch.Tensor:
-    """Row i of a mixed batch (`adapter_names=names`) equals row i run alone with its adapter (None: base)."""
-    mixed = output(model, batch, adapter_names=names)
+def assert_rows_match_alone(model, batch: torch.Tensor, names: list, atol: float = 1e-5,
+                            task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Row i of a mixed batch (`adapter_names=names`) equals row i run alone with its adapter (None: base);
+    `task_ids`, when given, go with the mixed batch and each adapter row gets its own."""
+    ids = {} if task_ids is None else {"task_ids": task_ids}
+    mixed = output(model, batch, adapter_names=names, **ids)
     for i, name in enumerate(names):
         if name is None:
             with model.disabled():
                 alone = output(model, batch[i:i + 1])
         else:
-            alone = output(model.use(name), batch[i:i + 1])
+            alone = output(model.use(name), batch[i:i + 1], **{k: v[i:i + 1] for k, v in ids.items()})
         torch.testing.assert_close(mixed[i:i + 1], alone, atol=atol, rtol=1e-4)
     return mixed

@@ -12,7 +12,7 @@ import slimtune.methods.moelora  # noqa: F401  (registers the method)
 from slimtune.bases import sizes
 from slimtune.layer import AdapterLayer
 from slimtune.methods.moelora import MoeLora, MoeLoraConfig, TaskIdError, merge_for_task
-from tests.conftest import MODELS, output, randomize, tiny_llama
+from tests.conftest import MODELS, assert_rows_match_alone, output, randomize, tiny_llama
 
 TOL = 1e-5  # fp32 logits ~ O(1): a merged / re-associated computation against the routed one
 TARGETS = {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"], "bert": ["query", "output.dense"]}
@@ -123,14 +123,7 @@ def test_adapter_names_cut_task_ids_to_each_adapters_rows(ids):
     randomize(model)
     batch, tasks = torch.cat([ids, ids]), torch.tensor([2, 1, 0, 0, 1, 1])
     names = ["a", "b", None, "c", "a", "b"]
-    mixed = output(model, batch, task_ids=tasks, adapter_names=names)
-    for i, name in enumerate(names):
-        if name is None:
-            with model.disabled():
-                alone = output(model, batch[i:i + 1])
-        else:
-            alone = output(model.use(name), batch[i:i + 1], task_ids=tasks[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1], alone, atol=TOL, rtol=1e-4)
+    assert_rows_match_alone(model, batch, names, atol=TOL, task_ids=tasks)
 
 
 def test_gradients_reach_the_experts_the_gate_and_only_the_tasks_in_the_batch(ids):

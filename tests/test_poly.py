@@ -14,7 +14,7 @@ from slimtune.bases import sizes
 from slimtune.layer import AdapterLayer
 from slimtune.methods.moelora import TaskIdError
 from slimtune.methods.poly import Poly, PolyConfig, merge_for_task, param_groups
-from tests.conftest import MODELS, output, randomize, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import MODELS, assert_rows_match_alone, output, randomize, tiny_bert, tiny_gpt2, tiny_llama
 
 TOL = 1e-5  # fp32 logits ~ O(1): PEFT vs ours, merged vs routed
 TARGETS = {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"], "bert": ["query", "output.dense"]}
@@ -107,14 +107,7 @@ def test_mixed_task_batch_rows_equal_each_task_alone(ids):
     names = ["default", None, "default", "lora", "default", None]
     model.add(st.LoraConfig(r=2, targets=["q_proj"]), name="lora")
     randomize(model, seed=4)
-    routed = output(model, batch, task_ids=tasks, adapter_names=names)
-    for i, name in enumerate(names):
-        if name is None:
-            with model.disabled():
-                alone = output(model, batch[i:i + 1])
-        else:
-            alone = output(model.use(name), batch[i:i + 1], task_ids=tasks[i:i + 1])
-        torch.testing.assert_close(routed[i:i + 1], alone, atol=TOL, rtol=1e-4)
+    assert_rows_match_alone(model, batch, names, atol=TOL, task_ids=tasks)
 
 
 def test_gradients_reach_the_skills_and_only_the_routing_rows_of_tasks_in_the_batch(ids):
