@@ -15,6 +15,7 @@ import tests.test_contract as tc
 from slimtune.bases import kind_of
 from slimtune.quant import groupwise as gw
 from tests.conftest import VOCAB, fit, output, randomize, tiny_llama
+from tests.test_quant import assert_float_path_gradients
 
 
 def gaussian(d_out: int = 512, d_in: int = 512, seed: int = 0) -> torch.Tensor:
@@ -192,16 +193,7 @@ def test_any_other_write_requantizes_and_records_the_error():
 def test_layer_methods_have_the_float_paths_gradients_on_the_dequantized_weights(config, ids):
     base = int4_llama()
     quant, plain = st.attach(base, config), st.attach(sq.dequantize(copy.deepcopy(base)), config)
-    randomize(quant)
-    plain.load_adapter_state_dict(quant.adapter_state_dict())
-    grads = []
-    for model in (quant, plain):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad for n, p in model.trainable_parameters()})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+    assert_float_path_gradients(quant, plain, ids)
 
 
 def test_lora_save_then_load_is_exact_and_a_toy_fit_lowers_the_loss(ids, tmp_path):
